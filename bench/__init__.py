@@ -1,0 +1,1 @@
+"""Benchmarks and quality evaluations of Headstart (not run as tests). See bench/README.md."""

@@ -1,0 +1,236 @@
+"""Classifier quality through the real service, over HTTP.
+
+For each dataset: start the service (gunicorn, as deployed) at the dataset's image size, POST the
+training images as a dataset zip, poll until the classifier is ready, read its report, POST the
+held-out test images to /predict in batches, and measure test accuracy and predict throughput.
+
+    python -m bench.quality --write
+    python -m bench.quality --datasets hymenoptera --views 0,2,4,8 --write
+    python -m bench.quality --weights random --image-size 32 --limit-per-label 4 --datasets hymenoptera
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+from bench import common
+from bench.common import BenchError, Client, Part, ServiceError, Split
+
+FINAL_STATUSES = ("ready", "failed", "cancelled")
+
+
+@dataclass
+class Run:
+    """One classifier trained through the service and evaluated on the test images."""
+
+    dataset: str
+    image_size: int
+    options: dict
+    status: str = "not started"
+    error: str | None = None
+    report: dict = field(default_factory=dict)
+    wall_s: float | None = None           # POST /v1/classifiers → status ready
+    test_correct: int = 0
+    test_total: int = 0
+    predict_s: float = 0.0                # summed wall time of the predict requests
+
+    @property
+    def test_accuracy(self) -> float | None:
+        return self.test_correct / self.test_total if self.test_total else None
+
+    @property
+    def predict_images_per_s(self) -> float | None:
+        return self.test_total / self.predict_s if self.predict_s else None
+
+
+def train(client: Client, split: Split, run: Run, *, poll_s: float, timeout_s: float) -> None:
+    """Creates the classifier and waits for it to finish, printing progress as it changes."""
+    parts = [Part("dataset", common.dataset_zip(split.train), f"{split.name}.zip",
+                  "application/zip")]
+    if run.options:
+        parts.append(Part("options", json.dumps(run.options).encode()))
+    tag = f"[{split.name} {json.dumps(run.options) if run.options else 'defaults'}]"
+    started = time.perf_counter()
+    classifier = client.post_multipart("/v1/classifiers", parts)
+    skipped = classifier["dataset"]["skipped"]
+    print(f"{tag} created {classifier['id']}: {classifier['dataset']['images']} images "
+          f"{classifier['dataset']['per_label']}" + (f", skipped {skipped}" if skipped else ""),
+          file=sys.stderr)
+    last_line = None
+    while classifier["status"] not in FINAL_STATUSES:
+        if time.perf_counter() - started > timeout_s:
+            raise BenchError(f"{tag} {classifier['id']} not finished after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+        classifier = client.get(f"/v1/classifiers/{classifier['id']}")
+        line = _progress_line(classifier)
+        if line != last_line:
+            print(f"{tag} {time.perf_counter() - started:7.1f} s  {line}", file=sys.stderr)
+            last_line = line
+    run.wall_s = time.perf_counter() - started
+    run.status = classifier["status"]
+    if run.status != "ready":
+        run.error = json.dumps(classifier.get("error"))
+        print(f"{tag} {run.status}: {run.error}", file=sys.stderr)
+        return
+    run.report = client.get(f"/v1/classifiers/{classifier['id']}/report")
+    run.report["classifier_id"] = classifier["id"]
+
+
+def _progress_line(classifier: dict) -> str:
+    progress = classifier.get("progress") or {}
+    bits = [classifier["status"], progress.get("stage") or ""]
+    if progress.get("images_total"):
+        bits.append(f"{progress['images_done']}/{progress['images_total']} images")
+    if progress.get("candidate"):
+        bits.append(f"head {progress['candidate']}")
+    if progress.get("epoch"):
+        bits.append(f"epoch {progress['epoch']}/{progress['max_epochs']}")
+    if progress.get("val_accuracy") is not None:
+        bits.append(f"val_accuracy {progress['val_accuracy']:.3f}")
+    return "  ".join(bit for bit in bits if bit)
+
+
+def evaluate(client: Client, split: Split, run: Run, batch_size: int) -> None:
+    """Predicts the test images through the API in batches and counts correct top-1 labels."""
+    classifier_id = run.report["classifier_id"]
+    for start in range(0, len(split.test), batch_size):
+        batch = split.test[start:start + batch_size]
+        parts = [Part("image", path.read_bytes(), path.name, "application/octet-stream")
+                 for _, path in batch]
+        began = time.perf_counter()
+        answer = client.post_multipart(f"/v1/classifiers/{classifier_id}/predict?top_k=1", parts)
+        run.predict_s += time.perf_counter() - began
+        predictions = answer["predictions"]
+        if len(predictions) != len(batch):
+            raise BenchError(f"predict answered {len(predictions)} predictions for {len(batch)} "
+                             "images")
+        run.test_correct += sum(p["label"] == label for p, (label, _) in zip(predictions, batch))
+        run.test_total += len(batch)
+    print(f"[{split.name}] test accuracy {run.test_correct}/{run.test_total} = "
+          f"{run.test_accuracy:.3f}, {run.predict_images_per_s:.1f} images/s", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- output
+
+
+HEADERS = ["dataset", "px", "options", "m train/val", "m aug", "d", "d/m", "head", "best/epochs",
+           "val acc", "test acc", "decode s", "features s", "head s", "wall s", "predict img/s"]
+
+
+def describe_head(head: dict) -> str:
+    if not head:
+        return ""
+    kind = f"{head['hidden_units']} hidden" if head["hidden_units"] else "linear"
+    return f"{kind}, dropout {head['dropout']:g}, l2 {head['l2']:g}"
+
+
+def row(run: Run) -> list:
+    options = json.dumps(run.options, separators=(",", ":")) if run.options else "defaults"
+    if run.status != "ready":
+        return [run.dataset, run.image_size, options, f"**{run.status}**: {run.error}"] + \
+            [""] * (len(HEADERS) - 4)
+    report = run.report
+    m, timings = report["m"], report["timings_s"]
+    return [
+        run.dataset, run.image_size, f"`{options}`", f"{m['train']}/{m['validation']}",
+        m["train_after_augmentation"], report["d"], f"{report['d_over_m']:.3g}",
+        describe_head(report["head"]), f"{report['best_epoch']}/{len(report['history'])}",
+        f"{report['validation']['accuracy']:.3f}",
+        f"{run.test_accuracy:.3f} ({run.test_total})",
+        f"{timings.get('decode', 0):.1f}", f"{timings.get('features', 0):.1f}",
+        f"{timings.get('head', 0):.1f}", f"{run.wall_s:.1f}", f"{run.predict_images_per_s:.2f}",
+    ]
+
+
+def heading(split: Split, image_size: int, args: argparse.Namespace) -> str:
+    text = f"quality: {split.name} ({image_size} px)"
+    if args.views:
+        text += ", augmentation views sweep"
+    if args.options:
+        text += f", options {json.dumps(json.loads(args.options), sort_keys=True)}"
+    return text
+
+
+# ---------------------------------------------------------------- main
+
+
+def run_options(base: dict, views: list[int] | None) -> list[dict]:
+    """One options object per classifier to train: the base, or the base with each views value."""
+    if not views:
+        return [base]
+    return [{**base, "augmentation": {**base.get("augmentation", {}), "views": v}} for v in views]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
+    common.add_common_arguments(parser)
+    parser.add_argument("--options", default=None, metavar="JSON",
+                        help='training options sent with each classifier, e.g. '
+                             '\'{"augmentation": {"views": 4}}\'')
+    parser.add_argument("--views", default=None, metavar="LIST",
+                        help="sweep augmentation views: one classifier per value, e.g. 0,2,4,8")
+    parser.add_argument("--predict-batch", type=int, default=16, metavar="N",
+                        help="images per predict request (default %(default)s)")
+    parser.add_argument("--poll", type=float, default=1.0, metavar="S",
+                        help="seconds between status polls (default %(default)s)")
+    parser.add_argument("--train-timeout", type=float, default=7200.0, metavar="S",
+                        help="give up on a classifier after this long (default %(default)s)")
+    parser.add_argument("--ready-timeout", type=float, default=600.0, metavar="S",
+                        help="wait this long for the service's /readyz (default %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    common.check_write_allowed(args)
+    shared = common.locate_shared(args.shared)
+    weights = common.resolve_weights(shared, args.weights)
+    try:
+        base = json.loads(args.options) if args.options else {}
+    except json.JSONDecodeError as error:
+        raise BenchError(f"--options is not valid JSON: {error}") from None
+    if not isinstance(base, dict):
+        raise BenchError("--options must be a JSON object")
+    try:
+        views = [int(v) for v in args.views.split(",")] if args.views else None
+    except ValueError:
+        raise BenchError(f"--views must be comma-separated integers. Received: {args.views}") from None
+
+    all_rows = []
+    for name in common.dataset_names(args.datasets):
+        split = common.load_split(name, shared, args.limit_per_label)
+        size = args.image_size or split.image_size
+        print(f"{split.description}: {len(split.train)} train, {len(split.test)} test images, "
+              f"{size} px", file=sys.stderr)
+        runs = []
+        with common.running_service(weights, size, ready_timeout_s=args.ready_timeout) as client:
+            for options in run_options(base, views):
+                run = Run(name, size, options)
+                runs.append(run)
+                try:
+                    train(client, split, run, poll_s=args.poll, timeout_s=args.train_timeout)
+                    if run.status == "ready":
+                        evaluate(client, split, run, args.predict_batch)
+                except ServiceError as error:
+                    run.status, run.error = "error", str(error)
+                    print(f"[{name}] {error}", file=sys.stderr)
+        rows = [row(run) for run in runs]
+        all_rows += rows
+        if args.write:
+            device = next((r.report.get("device") for r in runs if r.report), "unknown")
+            extra = {"data": f"{split.description}; {len(split.train)} training images "
+                             f"(uploaded), {len(split.test)} test images",
+                     "weights": weights, "training device (report)": device}
+            if base:
+                extra["options"] = f"`{json.dumps(base)}`"
+            common.write_section(heading(split, size, args), common.section(
+                heading(split, size, args), common.markdown_table(HEADERS, rows), extra))
+    print(common.markdown_table(HEADERS, all_rows))
+
+
+if __name__ == "__main__":
+    common.run_main(main)

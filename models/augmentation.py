@@ -1,0 +1,88 @@
+"""Data augmentation: Gaussian noise, horizontal flips, rotations and shifts.
+
+Each augmented view is one random affine transform (flip, rotation about the centre, shift) applied
+with a single bilinear resampling, plus pixel noise. Parameters are drawn from a seeded
+`numpy.random.Generator`, so a run is reproducible on one machine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """How training images are perturbed.
+
+    Attributes:
+        noise: standard deviation of Gaussian pixel noise, in 0-255 pixel units.
+        flip: mirror half of the views left-right.
+        rotation: maximum rotation in degrees, either way.
+        shift: maximum shift as a fraction of the image side, each axis, either way.
+        views: augmented views per training image, besides the original.
+    """
+
+    noise: float = 8.0
+    flip: bool = True
+    rotation: float = 15.0
+    shift: float = 0.1
+    views: int = 4
+
+    def __post_init__(self):
+        if self.noise < 0 or self.rotation < 0 or not 0 <= self.shift < 0.5 or self.views < 0:
+            raise ValueError(f"Invalid augmentation. Received: {self}")
+
+
+def random_transforms(batch_size: int, image_size: int, augmentation: Augmentation,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Draws one output→input affine transform per image.
+
+    Returns:
+        float32 array (batch_size, 8) in the layout of `ImageProjectiveTransformV3`.
+    """
+    centre = (image_size - 1) / 2.0
+    transforms = np.zeros((batch_size, 8), dtype=np.float32)
+    for i in range(batch_size):
+        flip = augmentation.flip and rng.random() < 0.5
+        angle = math.radians(rng.uniform(-augmentation.rotation, augmentation.rotation))
+        dx, dy = rng.uniform(-augmentation.shift, augmentation.shift, size=2) * image_size
+        # Forward map input→output: move centre to origin, flip, rotate, move back and shift.
+        forward = (_translation(centre + dx, centre + dy) @ _rotation(angle)
+                   @ np.diag([-1.0 if flip else 1.0, 1.0, 1.0]) @ _translation(-centre, -centre))
+        inverse = np.linalg.inv(forward)
+        transforms[i] = inverse.reshape(-1)[:8] / inverse[2, 2]
+    return transforms
+
+
+def augment(images: np.ndarray, augmentation: Augmentation,
+            rng: np.random.Generator) -> np.ndarray:
+    """Returns one random augmented view of each image.
+
+    Args:
+        images: uint8 or float32 array (batch, size, size, 3), RGB in 0-255.
+        augmentation: the perturbations to apply.
+        rng: source of randomness; the same state gives the same views.
+
+    Returns:
+        float32 array of the same shape, values in 0-255.
+    """
+    batch, size = images.shape[0], images.shape[1]
+    transforms = random_transforms(batch, size, augmentation, rng)
+    noise = rng.normal(0.0, augmentation.noise, size=images.shape).astype(np.float32)
+    warped = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.convert_to_tensor(images, tf.float32), transforms=transforms,
+        output_shape=[size, size], fill_value=0.0, interpolation="BILINEAR", fill_mode="REFLECT")
+    return np.clip(warped.numpy() + noise, 0.0, 255.0)
+
+
+def _translation(dx: float, dy: float) -> np.ndarray:
+    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+
+
+def _rotation(angle: float) -> np.ndarray:
+    cos, sin = math.cos(angle), math.sin(angle)
+    return np.array([[cos, -sin, 0.0], [sin, cos, 0.0], [0.0, 0.0, 1.0]])

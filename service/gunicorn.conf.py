@@ -1,0 +1,30 @@
+"""gunicorn settings for Headstart. Every value can be overridden on the command line."""
+
+import os
+
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+worker_class = "gthread"
+# One process per machine: it holds the backbone and the in-process training runner, and
+# TensorFlow already spreads one call over every core. Threads overlap decoding and I/O.
+workers = int(os.environ.get("HEADSTART_WEB_WORKERS", "1"))
+threads = int(os.environ.get("HEADSTART_WEB_THREADS", "8"))
+# NB: never preload. TensorFlow is not fork-safe; each worker loads it after fork.
+preload_app = False
+timeout = 300          # a predict batch or a large upload may take minutes on a small CPU
+graceful_timeout = 60  # SIGTERM lets in-flight requests finish
+keepalive = 5
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("HEADSTART_LOG_LEVEL", "info")
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain",
+                             "stream": "ext://sys.stderr"}},
+    "root": {"level": loglevel.upper(), "handlers": ["console"]},
+    "loggers": {
+        "gunicorn.error": {"level": loglevel.upper(), "handlers": ["console"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+    },
+}

@@ -1,0 +1,124 @@
+"""HTTP routes: parse and validate, call one use case, serialise."""
+
+from __future__ import annotations
+
+import json
+
+from flask import Blueprint, Response, current_app, request, url_for
+from pydantic import BaseModel, ValidationError
+
+from service import jobs
+from service.errors import BadRequest, Unprocessable
+from service.openapi import documented
+from service.schemas import (Classifier, ClassifierList, PredictionResponse, PredictQuery,
+                             PredictRequest, Report, TrainingOptions)
+
+api = Blueprint("v1", __name__, url_prefix="/v1")
+
+_UPLOAD = {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["dataset"],
+    "properties": {
+        "dataset": {"type": "string", "format": "binary",
+                    "description": "A .zip whose top-level folders are the labels"},
+        "options": {"type": "string", "description": "JSON training options (TrainingOptions)"},
+    }}}}
+_PREDICT = {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "application/json": PredictRequest,
+}
+
+
+def services() -> jobs.Services:
+    return current_app.extensions["headstart"]
+
+
+def json_response(model: BaseModel, status: int = 200, **headers: str) -> Response:
+    return Response(model.model_dump_json(), status=status, mimetype="application/json",
+                    headers=headers)
+
+
+def parse(model: type[BaseModel], data, what: str):
+    """Validates user input; problems become a 422 listing each field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        problems = [{"field": ".".join(str(part) for part in e["loc"]) or what,
+                     "message": e["msg"]} for e in error.errors(include_url=False)]
+        summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        raise Unprocessable(f"invalid {what}: {summary}", errors=problems) from None
+
+
+def _options() -> TrainingOptions:
+    raw = request.form.get("options")
+    if raw is None and "options" in request.files:
+        raw = request.files["options"].read().decode("utf-8", "replace")
+    if raw is None or not raw.strip():
+        return TrainingOptions()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise BadRequest(f"options is not valid JSON: {error}") from None
+    return parse(TrainingOptions, data, "options")
+
+
+@api.post("/classifiers")
+@documented(body=_UPLOAD, responses={202: Classifier, 400: None, 413: None, 422: None, 503: None})
+def create_classifier():
+    """Create a classifier from a zip of labeled images.
+
+    Answers at once with the queued classifier; poll it until `status` is `ready`.
+    """
+    upload = request.files.get("dataset")
+    if upload is None:
+        raise BadRequest("send the dataset zip as the multipart part 'dataset'")
+    classifier = jobs.create_classifier(services(), upload.stream, _options())
+    location = url_for("v1.get_classifier", classifier_id=classifier.id)
+    return json_response(classifier, 202, Location=location)
+
+
+@api.get("/classifiers")
+@documented(responses={200: ClassifierList})
+def list_classifiers():
+    """List classifiers, newest first."""
+    return json_response(ClassifierList(classifiers=jobs.list_classifiers(services())))
+
+
+@api.get("/classifiers/<classifier_id>")
+@documented(responses={200: Classifier, 404: None})
+def get_classifier(classifier_id: str):
+    """Get a classifier: status, progress, labels and metrics."""
+    return json_response(jobs.get_classifier(services(), classifier_id))
+
+
+@api.get("/classifiers/<classifier_id>/report")
+@documented(responses={200: Report, 404: None, 409: None})
+def get_report(classifier_id: str):
+    """Get the training report of a finished classifier."""
+    return json_response(jobs.get_report(services(), classifier_id))
+
+
+@api.post("/classifiers/<classifier_id>/predict")
+@documented(body=_PREDICT, query=PredictQuery,
+            responses={200: PredictionResponse, 400: None, 404: None, 409: None, 413: None,
+                       422: None, 503: None})
+def predict(classifier_id: str):
+    """Classify one or more images.
+
+    Send multipart `image` parts, or JSON `{"instances": [{"b64": "..."}]}`.
+    """
+    query = parse(PredictQuery, request.args.to_dict(), "query")
+    if request.is_json:
+        body = parse(PredictRequest, request.get_json(silent=True), "body")
+        images = jobs.decode_base64_images([instance.b64 for instance in body.instances])
+    else:
+        images = [part.read() for part in request.files.getlist("image")]
+    return json_response(jobs.predict(services(), classifier_id, images, query.top_k))
+
+
+@api.delete("/classifiers/<classifier_id>")
+@documented(responses={204: None, 404: None})
+def delete_classifier(classifier_id: str):
+    """Delete a classifier, cancelling its training if it is running."""
+    jobs.delete_classifier(services(), classifier_id)
+    return Response(status=204)

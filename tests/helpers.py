@@ -1,0 +1,45 @@
+"""Small, real test data: images and dataset zips made in memory."""
+
+from __future__ import annotations
+
+import io
+import zlib
+import zipfile
+
+import numpy as np
+from PIL import Image
+
+#: Two visually distinct classes that even a randomly initialised backbone separates.
+COLOURS = {"red": (200, 40, 40), "blue": (40, 60, 200), "green": (40, 180, 60)}
+
+
+def image_bytes(colour=(128, 128, 128), size=(40, 32), fmt="PNG", seed=0, mode="RGB") -> bytes:
+    """An encoded image: a colour with pixel noise and a random bright square, so images differ."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 25, (size[1], size[0], 3)),
+                     0, 255).astype(np.uint8)
+    y, x = rng.integers(0, max(1, size[1] // 2)), rng.integers(0, max(1, size[0] // 2))
+    pixels[y:y + size[1] // 3, x:x + size[0] // 3] = 255
+    image = Image.fromarray(pixels).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def make_zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def labelled_images(per_label: int = 8, labels=("red", "blue"), size=(40, 32),
+                    root: str = "") -> dict[str, bytes]:
+    """Zip members {root/label/i.png: bytes} for a learnable toy dataset."""
+    return {f"{root}{label}/{i}.png": image_bytes(COLOURS[label], size, seed=zlib.crc32(f"{label}{i}".encode()))
+            for label in labels for i in range(per_label)}
+
+
+def dataset_zip(per_label: int = 8, labels=("red", "blue"), **kwargs) -> bytes:
+    return make_zip(labelled_images(per_label, labels, **kwargs))

@@ -1,0 +1,226 @@
+"""Unit tests of models/: small images, random backbone weights."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from models import heads, training
+from models.augmentation import Augmentation, augment
+from models.backbone import build_vgg16
+from models.prediction import class_scores, rank
+from models.preprocessing import load_image
+from tests.helpers import COLOURS, image_bytes
+
+SIZE = 32
+
+
+def toy_images(per_label=8, labels=("red", "blue")):
+    images, label_ids = [], []
+    for index, label in enumerate(labels):
+        for i in range(per_label):
+            images.append(image_bytes(COLOURS[label], seed=1000 * index + i))
+            label_ids.append(index)
+    return images, np.array(label_ids), list(labels)
+
+
+FAST = training.TrainingConfig(max_epochs=30, patience=4, batch_size=16,
+                               augmentation=Augmentation(views=1),
+                               heads=(heads.HeadSpec(0, 0.1, 1e-3),))
+
+
+# ---------------------------------------------------------------- backbone
+
+
+def test_backbone_gives_512_features_and_is_frozen(backbone):
+    pixels = np.zeros((3, SIZE, SIZE, 3), np.uint8)
+    features = backbone.features(pixels)
+    assert features.shape == (3, 512) and features.dtype == np.float32
+    assert backbone.model.trainable_weights == []
+    assert backbone.identity.weights == "random" and backbone.identity.fingerprint is None
+
+
+def test_backbone_rejects_wrong_image_shape(backbone):
+    with pytest.raises(ValueError, match="Expected images of shape"):
+        backbone.features(np.zeros((1, SIZE + 1, SIZE, 3), np.uint8))
+
+
+def test_vgg16_refuses_images_smaller_than_32px():
+    with pytest.raises(ValueError, match="at least 32 px"):
+        build_vgg16(16)
+
+
+def test_backbone_counts_passes(backbone):
+    before = backbone.passes
+    backbone.features(np.zeros((5, SIZE, SIZE, 3), np.uint8))
+    assert backbone.passes - before == 5
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_augmentation_changes_pixels_and_keeps_shape():
+    images = np.random.default_rng(0).integers(0, 256, (4, SIZE, SIZE, 3)).astype(np.uint8)
+    out = augment(images, Augmentation(), np.random.default_rng(1))
+    assert out.shape == images.shape and out.dtype == np.float32
+    assert 0 <= out.min() and out.max() <= 255
+    assert np.abs(out - images).mean() > 5
+
+
+def test_augmentation_is_reproducible_from_the_seed():
+    images = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
+    first = augment(images, Augmentation(), np.random.default_rng(7))
+    again = augment(images, Augmentation(), np.random.default_rng(7))
+    other = augment(images, Augmentation(), np.random.default_rng(8))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
+def test_augmentation_without_perturbations_is_identity():
+    images = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
+    none = Augmentation(noise=0, flip=False, rotation=0, shift=0)
+    np.testing.assert_allclose(augment(images, none, np.random.default_rng(0)), images, atol=1e-3)
+
+
+def test_flip_only_mirrors_or_keeps_each_image():
+    images = np.random.default_rng(0).integers(0, 256, (16, SIZE, SIZE, 3)).astype(np.uint8)
+    flip = Augmentation(noise=0, flip=True, rotation=0, shift=0)
+    out = augment(images, flip, np.random.default_rng(3))
+    mirrored = [np.allclose(o, i[:, ::-1], atol=1e-3) for o, i in zip(out, images)]
+    kept = [np.allclose(o, i, atol=1e-3) for o, i in zip(out, images)]
+    assert all(m or k for m, k in zip(mirrored, kept))
+    assert any(mirrored) and any(kept)
+
+
+def test_augmentation_keeps_labels_in_extracted_features(backbone):
+    images, labels, _ = toy_images(per_label=3)
+    features = training.extract_features(images, backbone, views=2, augmentation=Augmentation(),
+                                         rng=np.random.default_rng(0), batch_size=4)
+    assert features.shape == (6, 3, 512)
+    # Each augmented view stays closer to its own image's label than to the other label.
+    centroids = [features[labels == k, 0].mean(axis=0) for k in (0, 1)]
+    for row, label in zip(features, labels):
+        for view in row[1:]:
+            distances = [np.linalg.norm(view - c) for c in centroids]
+            assert int(np.argmin(distances)) == label
+
+
+def test_invalid_augmentation_is_refused():
+    with pytest.raises(ValueError, match="Invalid augmentation"):
+        Augmentation(shift=0.7)
+
+
+# ---------------------------------------------------------------- features and training
+
+
+def test_backbone_runs_once_per_image_and_view(backbone):
+    images, labels, names = toy_images(per_label=5)
+    before = backbone.passes
+    config = dataclasses.replace(FAST, augmentation=Augmentation(views=3))
+    result = training.train_classifier(images, labels, names, backbone, config)
+    m = result.report["m"]
+    expected = m["train"] * (1 + 3) + m["validation"]
+    assert backbone.passes - before == expected
+    assert m["train_after_augmentation"] == m["train"] * 4
+
+
+def test_stratified_split_is_seeded_and_covers_every_label():
+    labels = np.array([0] * 10 + [1] * 2 + [2] * 5)
+    train, val = training.stratified_split(labels, 0.2, seed=3)
+    again = training.stratified_split(labels, 0.2, seed=3)
+    np.testing.assert_array_equal(train, again[0])
+    assert set(labels[val]) == {0, 1, 2} and set(labels[train]) == {0, 1, 2}
+    assert len(set(train) & set(val)) == 0 and len(train) + len(val) == len(labels)
+
+
+def test_early_stopping_restores_the_best_epoch():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 16)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int)
+    x_val = rng.normal(size=(20, 16)).astype(np.float32)
+    y_val = rng.integers(0, 2, 20)  # unlearnable: validation loss soon rises
+    config = dataclasses.replace(FAST, max_epochs=200, patience=3, learning_rate=0.05)
+    fit = training.fit_head(heads.HeadSpec(0, 0.0, 0.0), x, y, x_val, y_val, 2, config)
+    assert fit.stopped_early and len(fit.history) < 200
+    assert fit.best_epoch == len(fit.history) - 3
+    restored = training.evaluate(fit.model, x_val, y_val, ["a", "b"])["loss"]
+    assert restored == pytest.approx(fit.best_val_loss, abs=2e-3)
+
+
+def test_auto_head_picks_the_lowest_validation_loss(backbone):
+    images, labels, names = toy_images(per_label=6)
+    candidates = (heads.HeadSpec(0, 0.1, 1e-4), heads.HeadSpec(0, 0.1, 3.0),
+                  heads.HeadSpec(32, 0.5, 1e-3))
+    config = dataclasses.replace(FAST, heads=candidates)
+    result = training.train_classifier(images, labels, names, backbone, config)
+    tried = result.report["candidates"]
+    assert len(tried) == 3
+    best = min(tried, key=lambda c: c["best_val_loss"])
+    assert result.report["head"] == best["head"]
+
+
+def test_training_learns_a_separable_toy_task_and_reports(backbone):
+    images, labels, names = toy_images(per_label=10)
+    result = training.train_classifier(images, labels, names, backbone, FAST)
+    report = result.report
+    assert report["validation"]["accuracy"] == 1.0
+    assert report["d"] == 512 * 2 + 2
+    assert report["d_over_m"] == pytest.approx(report["d"] / report["m"]["train_after_augmentation"],
+                                               abs=1e-3)
+    assert report["best_epoch"] <= len(report["history"])
+    assert set(report["validation"]["per_label"]) == {"red", "blue"}
+    assert np.array(report["validation"]["confusion_matrix"]).sum() == report["m"]["validation"]
+    assert any("d/m" in note for note in report["diagnosis"])
+    assert {"decode", "features", "head"} <= set(report["timings_s"])
+
+
+def test_same_seed_same_run(backbone):
+    images, labels, names = toy_images(per_label=6)
+    first = training.train_classifier(images, labels, names, backbone, FAST)
+    second = training.train_classifier(images, labels, names, backbone, FAST)
+    assert [row["val_loss"] for row in first.report["history"]] == pytest.approx(
+        [row["val_loss"] for row in second.report["history"]], rel=1e-5)
+    for a, b in zip(first.head.get_weights(), second.head.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_should_stop_cancels_training(backbone):
+    images, labels, names = toy_images(per_label=4)
+    with pytest.raises(training.Cancelled):
+        training.train_classifier(images, labels, names, backbone, FAST, should_stop=lambda: True)
+
+
+def test_progress_is_reported_for_both_stages(backbone):
+    images, labels, names = toy_images(per_label=4)
+    seen = []
+    training.train_classifier(images, labels, names, backbone, FAST, on_progress=seen.append)
+    stages = [p.stage for p in seen]
+    assert stages[0] == "extracting" and stages[-1] == "training"
+    assert seen[-1].epoch >= 1 and seen[-1].val_accuracy is not None
+
+
+# ---------------------------------------------------------------- heads and prediction
+
+
+def test_head_round_trips_through_its_weights(backbone):
+    images, labels, names = toy_images(per_label=4)
+    result = training.train_classifier(images, labels, names, backbone, FAST)
+    restored = heads.load_head(result.spec, 512, 2, heads.serialize_weights(result.head))
+    pixels = np.stack([load_image(data, SIZE) for data in images])
+    np.testing.assert_allclose(class_scores(backbone, restored, pixels),
+                               class_scores(backbone, result.head, pixels), rtol=1e-6)
+
+
+def test_scores_are_probabilities_and_rank_orders_them(backbone):
+    images, labels, names = toy_images(per_label=4)
+    result = training.train_classifier(images, labels, names, backbone, FAST)
+    pixels = np.stack([load_image(data, SIZE) for data in images[:3]])
+    scores = class_scores(backbone, result.head, pixels)
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, rtol=1e-5)
+    ranked = rank(scores, names, top_k=2)
+    assert all(pairs[0][1] >= pairs[1][1] for pairs in ranked)
+
+
+def test_head_parameter_count():
+    model = heads.build_head(heads.HeadSpec(hidden_units=8), 16, 3)
+    assert heads.trainable_parameters(model) == 16 * 8 + 8 + 8 * 3 + 3
