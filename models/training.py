@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import keras
+import tensorflow as tf
 
 from models import heads as heads_lib
 from models.augmentation import Augmentation, augment
@@ -161,27 +162,14 @@ def extract_features(images: Sequence[bytes], backbone: Backbone, *, views: int,
     return features
 
 
-class _JobCallback(keras.callbacks.Callback):
-    """Reports progress after each epoch and stops within a few batches of a cancel."""
-
-    def __init__(self, on_epoch: Callable[[int, dict], None], should_stop: StopCheck):
-        super().__init__()
-        self._on_epoch = on_epoch
-        self._should_stop = should_stop
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self._should_stop():
-            raise Cancelled()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._on_epoch(epoch + 1, logs or {})
-
-
 def fit_head(spec: heads_lib.HeadSpec, x_train: np.ndarray, y_train: np.ndarray,
              x_val: np.ndarray, y_val: np.ndarray, num_classes: int, config: TrainingConfig,
              *, on_epoch: Callable[[int, dict], None] = lambda epoch, logs: None,
              should_stop: StopCheck = lambda: False) -> FitResult:
     """Trains one head on cached features with early stopping on validation loss.
+
+    A compiled train step over in-memory arrays: on cached features an epoch is a few
+    milliseconds, where `model.fit` spends ~0.2 s per epoch on its own machinery.
 
     Args:
         x_train, x_val: float32 (n, feature_dim) features; y_train, y_val: int (n,) labels.
@@ -190,24 +178,63 @@ def fit_head(spec: heads_lib.HeadSpec, x_train: np.ndarray, y_train: np.ndarray,
         The head with its best epoch's weights restored, and its history.
     """
     keras.utils.set_random_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
     model = heads_lib.build_head(spec, x_train.shape[1], num_classes)
     model.get_layer("head_standardize").adapt(x_train)
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                  steps_per_execution=8)
-    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=config.patience,
-                                            restore_best_weights=True)
-    fitted = model.fit(x_train, y_train, validation_data=(x_val, y_val),
-                       epochs=config.max_epochs, batch_size=config.batch_size, shuffle=True,
-                       verbose=0, callbacks=[stopper, _JobCallback(on_epoch, should_stop)])
-    history = [
-        {"epoch": epoch + 1, **{name: float(values[epoch]) for name, values in fitted.history.items()}}
-        for epoch in range(len(fitted.history["loss"]))
-    ]
+    optimizer = keras.optimizers.Adam(config.learning_rate)
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(reduction="sum")
+    signature = [tf.TensorSpec((None, x_train.shape[1]), tf.float32),
+                 tf.TensorSpec((None,), tf.int32)]
+
+    @tf.function(input_signature=signature)
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            probabilities = model(x, training=True)
+            loss = cross_entropy(y, probabilities) / tf.cast(tf.shape(x)[0], tf.float32)
+            total = loss + tf.add_n(model.losses) if model.losses else loss
+        optimizer.apply(tape.gradient(total, model.trainable_weights), model.trainable_weights)
+        return _sums(y, probabilities, cross_entropy)
+
+    @tf.function(input_signature=signature)
+    def evaluate_step(x, y):
+        return _sums(y, model(x, training=False), cross_entropy)
+
+    x_train_t, y_train_t = tf.constant(x_train, tf.float32), tf.constant(y_train, tf.int32)
+    x_val_t, y_val_t = tf.constant(x_val, tf.float32), tf.constant(y_val, tf.int32)
+    history, best_weights, best_loss, waited = [], model.get_weights(), np.inf, 0
+    for epoch in range(1, config.max_epochs + 1):
+        order = tf.constant(rng.permutation(len(x_train)), tf.int32)
+        loss_sum = correct = 0.0
+        for start in range(0, len(x_train), config.batch_size):
+            if should_stop():
+                raise Cancelled()
+            batch = order[start:start + config.batch_size]
+            batch_loss, batch_correct = train_step(tf.gather(x_train_t, batch),
+                                                   tf.gather(y_train_t, batch))
+            loss_sum, correct = loss_sum + float(batch_loss), correct + float(batch_correct)
+        val_loss, val_correct = (float(v) for v in evaluate_step(x_val_t, y_val_t))
+        row = {"epoch": epoch, "loss": loss_sum / len(x_train), "accuracy": correct / len(x_train),
+               "val_loss": val_loss / len(x_val), "val_accuracy": val_correct / len(x_val)}
+        history.append(row)
+        on_epoch(epoch, row)
+        if row["val_loss"] < best_loss:
+            best_loss, best_weights, waited = row["val_loss"], model.get_weights(), 0
+        else:
+            waited += 1
+            if waited >= config.patience:
+                break
+    model.set_weights(best_weights)
     best = int(np.argmin([row["val_loss"] for row in history]))
     return FitResult(spec, model, history, best_epoch=best + 1,
                      best_val_loss=history[best]["val_loss"],
                      stopped_early=len(history) < config.max_epochs)
+
+
+def _sums(labels: tf.Tensor, probabilities: tf.Tensor, cross_entropy) -> tuple[tf.Tensor, tf.Tensor]:
+    """Summed cross-entropy (without the L2 penalty) and the number of correct predictions."""
+    predicted = tf.argmax(probabilities, axis=1, output_type=tf.int32)
+    correct = tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
+    return cross_entropy(labels, probabilities), correct
 
 
 def evaluate(head: keras.Model, features: np.ndarray, labels: np.ndarray,

@@ -87,6 +87,7 @@ class BackboneOut(BaseModel):
     name: str
     weights: str
     image_size: int
+    features: str | None = Field(None, description="How a feature vector is pooled from the base")
     source: str | None = None
     fingerprint: str | None = None
 

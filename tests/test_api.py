@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from models.backbone import FEATURE_DIM
 from service.app import create_app
 from service.settings import Settings
 from tests.helpers import COLOURS, dataset_zip, image_bytes, make_zip
@@ -95,7 +96,7 @@ def test_report_has_the_contract_fields(client, ready_classifier):
     assert report["classifier_id"] == ready_classifier["id"]
     assert report["m"]["train"] + report["m"]["validation"] == 20
     assert report["m"]["train_after_augmentation"] == report["m"]["train"] * 2
-    assert report["d"] == 512 * 2 + 2
+    assert report["d"] == FEATURE_DIM * 2 + 2
     assert report["d_over_m"] == pytest.approx(report["d"] / report["m"]["train_after_augmentation"],
                                                abs=1e-3)
     assert report["history"][0]["epoch"] == 1 and "val_loss" in report["history"][0]
@@ -153,7 +154,7 @@ def test_a_training_image_scores_the_same_over_http_as_in_process(app, client, r
     image = dataset.images[0]
     backbone = services.backbone.get()
     record = services.store.load_record(classifier_id)
-    head = load_head(HeadSpec(**record.head.model_dump()), 512, 2,
+    head = load_head(HeadSpec(**record.head.model_dump()), FEATURE_DIM, 2,
                      services.store.load_head(classifier_id))
     expected = class_scores(backbone, head, load_image(image.data, 32)[None])[0]
     response = client.post(f"/v1/classifiers/{classifier_id}/predict",
@@ -232,7 +233,13 @@ def test_unknown_route_and_wrong_method_are_problems(client):
 
 def test_upload_over_the_limit_is_413_problem_and_stores_nothing(app, client):
     before = stored_files(app)
-    response = post_dataset(client, b"x" * (3 * 1024**2))
+    boundary = "headstart-test"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"dataset\"; "
+            f"filename=\"big.zip\"\r\n\r\n").encode() + b"x" * (3 * 1024**2) + \
+        f"\r\n--{boundary}--\r\n".encode()
+    # NB: a raw body, so the test client spools nothing to a temp file it would leave open.
+    response = client.post("/v1/classifiers", data=body,
+                           content_type=f"multipart/form-data; boundary={boundary}")
     assert response.status_code == 413
     assert response.mimetype == "application/problem+json"
     assert "limit" in response.json["detail"]
@@ -398,7 +405,8 @@ def test_openapi_documents_every_route_from_the_pydantic_models(client):
 def test_docs_page_is_served_without_internet(client):
     page = client.get("/docs")
     assert page.status_code == 200 and b"swagger-ui" in page.data
-    assert client.get("/docs/static/swagger-ui-bundle.js").status_code == 200
+    with client.get("/docs/static/swagger-ui-bundle.js") as script:
+        assert script.status_code == 200
 
 
 def test_restart_keeps_classifiers_and_requeues_interrupted_jobs(tmp_path, app, ready_classifier):
@@ -412,7 +420,7 @@ def test_restart_keeps_classifiers_and_requeues_interrupted_jobs(tmp_path, app, 
     shutil.copytree(app.extensions["headstart"].store.blobs.root, root)
     record_path = root / "classifiers" / ready_classifier["id"] / "record.json"
     record = ClassifierRecord.model_validate_json(record_path.read_text())
-    interrupted = record.model_copy(update={"id": "clf_0000000000interrupt", "status": "training"})
+    interrupted = record.model_copy(update={"id": "clf_000000000interrupted", "status": "training"})
     (root / "classifiers" / interrupted.id).mkdir()
     for name in ("dataset.zip",):
         shutil.copy(root / "classifiers" / record.id / name, root / "classifiers" / interrupted.id)

@@ -7,7 +7,7 @@ import pytest
 
 from models import heads, training
 from models.augmentation import Augmentation, augment
-from models.backbone import build_vgg16
+from models.backbone import FEATURE_DIM, build_vgg16
 from models.prediction import class_scores, rank
 from models.preprocessing import load_image
 from tests.helpers import COLOURS, image_bytes
@@ -32,10 +32,10 @@ FAST = training.TrainingConfig(max_epochs=30, patience=4, batch_size=16,
 # ---------------------------------------------------------------- backbone
 
 
-def test_backbone_gives_512_features_and_is_frozen(backbone):
+def test_backbone_gives_2048_features_and_is_frozen(backbone):
     pixels = np.zeros((3, SIZE, SIZE, 3), np.uint8)
     features = backbone.features(pixels)
-    assert features.shape == (3, 512) and features.dtype == np.float32
+    assert features.shape == (3, FEATURE_DIM) and features.dtype == np.float32
     assert backbone.model.trainable_weights == []
     assert backbone.identity.weights == "random" and backbone.identity.fingerprint is None
 
@@ -96,7 +96,7 @@ def test_augmentation_keeps_labels_in_extracted_features(backbone):
     images, labels, _ = toy_images(per_label=3)
     features = training.extract_features(images, backbone, views=2, augmentation=Augmentation(),
                                          rng=np.random.default_rng(0), batch_size=4)
-    assert features.shape == (6, 3, 512)
+    assert features.shape == (6, 3, FEATURE_DIM)
     # Each augmented view stays closer to its own image's label than to the other label.
     centroids = [features[labels == k, 0].mean(axis=0) for k in (0, 1)]
     for row, label in zip(features, labels):
@@ -155,8 +155,8 @@ def test_auto_head_picks_the_lowest_validation_loss(backbone):
     result = training.train_classifier(images, labels, names, backbone, config)
     tried = result.report["candidates"]
     assert len(tried) == 3
-    best = min(tried, key=lambda c: c["best_val_loss"])
-    assert result.report["head"] == best["head"]
+    chosen = next(c for c in tried if c["head"] == result.report["head"])
+    assert chosen["best_val_loss"] == min(c["best_val_loss"] for c in tried)
 
 
 def test_training_learns_a_separable_toy_task_and_reports(backbone):
@@ -164,7 +164,7 @@ def test_training_learns_a_separable_toy_task_and_reports(backbone):
     result = training.train_classifier(images, labels, names, backbone, FAST)
     report = result.report
     assert report["validation"]["accuracy"] == 1.0
-    assert report["d"] == 512 * 2 + 2
+    assert report["d"] == FEATURE_DIM * 2 + 2
     assert report["d_over_m"] == pytest.approx(report["d"] / report["m"]["train_after_augmentation"],
                                                abs=1e-3)
     assert report["best_epoch"] <= len(report["history"])
@@ -205,7 +205,7 @@ def test_progress_is_reported_for_both_stages(backbone):
 def test_head_round_trips_through_its_weights(backbone):
     images, labels, names = toy_images(per_label=4)
     result = training.train_classifier(images, labels, names, backbone, FAST)
-    restored = heads.load_head(result.spec, 512, 2, heads.serialize_weights(result.head))
+    restored = heads.load_head(result.spec, FEATURE_DIM, 2, heads.serialize_weights(result.head))
     pixels = np.stack([load_image(data, SIZE) for data in images])
     np.testing.assert_allclose(class_scores(backbone, restored, pixels),
                                class_scores(backbone, result.head, pixels), rtol=1e-6)
