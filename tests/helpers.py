@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import uuid
 import zlib
 import zipfile
 
@@ -43,3 +44,19 @@ def labelled_images(per_label: int = 8, labels=("red", "blue"), size=(40, 32),
 
 def dataset_zip(per_label: int = 8, labels=("red", "blue"), **kwargs) -> bytes:
     return make_zip(labelled_images(per_label, labels, **kwargs))
+
+
+def multipart(fields: dict[str, list[tuple[str, bytes]] | str]) -> tuple[bytes, str]:
+    """Encodes multipart/form-data: name → text, or name → [(filename, bytes), …]."""
+    boundary = "headstart-" + uuid.uuid4().hex
+    body = io.BytesIO()
+    for name, value in fields.items():
+        parts = [(None, value.encode())] if isinstance(value, str) else value
+        for filename, data in parts:
+            disposition = f'form-data; name="{name}"'
+            if filename is not None:
+                disposition += f'; filename="{filename}"'
+            body.write(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode())
+            body.write(data + b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    return body.getvalue(), f"multipart/form-data; boundary={boundary}"
