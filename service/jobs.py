@@ -20,6 +20,7 @@ import numpy as np
 
 from models import training
 from models.augmentation import Augmentation
+from models.backbone import device_name
 from models.heads import AUTO_CANDIDATES, HeadSpec, serialize_weights
 from models.prediction import class_scores, rank
 from models.preprocessing import ImageDecodeError, load_image
@@ -261,7 +262,7 @@ def run_training_job(services: Services, classifier_id: str,
         return
     store.save_head(classifier_id, serialize_weights(result.head))
     report = Report(classifier_id=classifier_id, options=record.options,
-                    backbone=record.backbone, device=_device_name(), **result.report)
+                    backbone=record.backbone, device=device_name(), **result.report)
     store.save_report(report)
     record.status, record.progress, record.lease = "ready", None, None
     record.head = HeadOptions(**result.spec.as_dict())
@@ -287,13 +288,6 @@ def _record_failure(services: Services, record: ClassifierRecord, title: str, de
     record.updated_at = utc_now()
     services.store.save_record(record)
     log.error("job %s: %s: %s", record.id, title, detail)
-
-
-def _device_name() -> str:
-    import tensorflow as tf  # NB: only workers that train pay for this import here
-
-    gpus = tf.config.list_logical_devices("GPU")
-    return f"GPU: {gpus[0].name}" if gpus else "CPU"
 
 
 def recover_jobs(services: Services) -> None:
