@@ -109,7 +109,10 @@ def predict(classifier_id: str):
     """
     query = parse(PredictQuery, request.args.to_dict(), "query")
     if request.is_json:
-        body = parse(PredictRequest, request.get_json(silent=True), "body")
+        data = request.get_json(silent=True)
+        if data is None:
+            raise BadRequest("the body is not valid JSON")
+        body = parse(PredictRequest, data, "body")
         images = jobs.decode_base64_images([instance.b64 for instance in body.instances])
     else:
         images = [part.read() for part in request.files.getlist("image")]

@@ -341,6 +341,12 @@ def test_bad_json_predict_bodies(client, ready_classifier, body, status):
     assert response.status_code == status, response.json
 
 
+def test_malformed_json_predict_body_is_400(client, ready_classifier):
+    response = client.post(f"/v1/classifiers/{ready_classifier['id']}/predict",
+                           data=b"{not json", content_type="application/json")
+    assert response.status_code == 400 and "JSON" in response.json["detail"]
+
+
 def test_bad_top_k_is_422(client, ready_classifier):
     response = client.post(f"/v1/classifiers/{ready_classifier['id']}/predict?top_k=0",
                            data={"image": (io.BytesIO(image_bytes()), "x.png")},
