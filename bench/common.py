@@ -352,6 +352,13 @@ def dataset_names(text: str) -> list[str]:
     return names
 
 
+def prepare(args: argparse.Namespace) -> tuple[Path, str]:
+    """The checks every benchmark starts with: (shared dir, weights setting)."""
+    check_write_allowed(args)
+    shared = locate_shared(args.shared)
+    return shared, resolve_weights(shared, args.weights)
+
+
 def check_write_allowed(args: argparse.Namespace) -> None:
     """RESULTS.md holds full runs only: smoke settings must not overwrite real numbers."""
     if args.write and (args.limit_per_label is not None or args.weights == "random"):

@@ -186,9 +186,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    common.check_write_allowed(args)
-    shared = common.locate_shared(args.shared)
-    weights = common.resolve_weights(shared, args.weights)
+    shared, weights = common.prepare(args)
     try:
         base = json.loads(args.options) if args.options else {}
     except json.JSONDecodeError as error:

@@ -254,9 +254,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    common.check_write_allowed(args)
-    shared = common.locate_shared(args.shared)
-    weights = common.resolve_weights(shared, args.weights)
+    shared, weights = common.prepare(args)
     if args.max_epochs < 1:
         raise BenchError(f"--max-epochs must be at least 1. Received: {args.max_epochs}")
 
