@@ -43,7 +43,7 @@ class BackboneIdentity:
     weights: str          # "imagenet" or "random"
     image_size: int
     source: str           # where the weights came from, e.g. "keras cache", a file path
-    fingerprint: str | None
+    fingerprint: str
 
     def as_dict(self) -> dict:
         return {"name": self.name, "weights": self.weights, "image_size": self.image_size,
@@ -148,7 +148,9 @@ def load_backbone(weights: str, image_size: int, *, cache_dir: Path,
         model = build_vgg16(image_size)  # rebuilt under the seed, so "random" is reproducible
         log.warning("backbone weights are RANDOM: for development and tests only, "
                     "predictions are meaningless")
-        identity = BackboneIdentity(NAME, RANDOM, image_size, "random initialisation", None)
+        # NB: fingerprinted too, so API replicas and workers can check they hold the same one.
+        identity = BackboneIdentity(NAME, RANDOM, image_size, f"random initialisation, seed {seed}",
+                                    vgg16_weights.model_fingerprint(model))
         return Backbone(model, identity)
     if weights == "imagenet":
         path, source = vgg16_weights.resolve_imagenet(cache_dir)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import random
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from service.openapi import DOCS_HTML, build_document, documented
 from service.routes import api, json_response, services
 from service.runner import ThreadRunner
 from service.schemas import BackboneOut, Health, Readiness
-from service.serving import BackboneHolder, HeadCache
+from service.serving import BackboneHolder, HeadCache, load_configured_backbone
 from service.settings import Settings
 from service.store import open_store
 
@@ -96,18 +98,16 @@ def create_app(settings: Settings | None = None, *,
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     Path(settings.weights_cache).mkdir(parents=True, exist_ok=True)
 
-    store = open_store(settings.store)
+    store = open_store(settings)
     metrics_ = Metrics()
-    backbone = BackboneHolder(lambda: _load_backbone(settings), on_error=on_backbone_error)
+    backbone = BackboneHolder(lambda: load_configured_backbone(settings),
+                              on_error=on_backbone_error)
     services_ = jobs.Services(settings=settings, store=store, backbone=backbone,
                               heads=None, runner=None, metrics=metrics_)
     services_.heads = HeadCache(lambda record: _load_head(services_, record),
                                 capacity=settings.head_cache_size)
-    services_.runner = ThreadRunner(
-        lambda classifier_id, should_stop: jobs.run_training_job(services_, classifier_id,
-                                                                  should_stop))
-    metrics_.watch(lambda: _count_by_status(store),
-                   lambda: backbone.passes)
+    services_.runner = _runner(services_)
+    metrics_.watch(store.list_records, services_.runner.depth, lambda: backbone.passes)
     app.extensions["headstart"] = services_
 
     register_error_handlers(app)
@@ -117,16 +117,38 @@ def create_app(settings: Settings | None = None, *,
     app.extensions["headstart.openapi"] = build_document(app, "Headstart", VERSION)
 
     backbone.start()
-    jobs.recover_jobs(services_)
+    if settings.queue == "local":
+        jobs.recover_jobs(services_)
+    else:
+        _sweep_lost_jobs(services_)
     return app
 
 
-def _load_backbone(settings: Settings):
-    from models.backbone import load_backbone  # NB: TensorFlow is imported here, after fork
-    from service.weights_source import local_weights
+def _runner(services_: jobs.Services):
+    if services_.settings.queue == "local":
+        return ThreadRunner(lambda classifier_id, should_stop: jobs.run_training_job(
+            services_, classifier_id, should_stop))
+    from service.broker import CeleryRunner  # Celery is imported only when a broker is used
 
-    return load_backbone(local_weights(settings), settings.image_size,
-                         cache_dir=settings.weights_cache)
+    return CeleryRunner(services_.settings)
+
+
+def _sweep_lost_jobs(services_: jobs.Services) -> None:
+    """Every few seconds, re-queue the jobs of workers that died. Each API replica sweeps; a
+    job re-queued twice is delivered twice, and the second delivery finds it taken."""
+    interval = services_.settings.lease_seconds / 3
+
+    def sweep() -> None:
+        while True:
+            time.sleep(interval * random.uniform(0.8, 1.2))
+            try:
+                jobs.requeue_lost_jobs(services_)
+            except HeadstartError as error:
+                log.warning("lost-job sweep skipped: %s", error.detail)
+            except Exception:  # the sweeper must outlive any one failure
+                log.exception("lost-job sweep failed")
+
+    threading.Thread(target=sweep, name="lost-job-sweeper", daemon=True).start()
 
 
 def _load_head(services_: jobs.Services, record):
@@ -135,14 +157,7 @@ def _load_head(services_: jobs.Services, record):
     backbone = services_.backbone.get()
     spec = HeadSpec(**record.head.model_dump())
     return load_head(spec, backbone.feature_dim, len(record.labels),
-                     services_.store.load_head(record.id))
-
-
-def _count_by_status(store) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for record in store.list_records():
-        counts[record.status] = counts.get(record.status, 0) + 1
-    return counts
+                     services_.store.load_head(record))
 
 
 def _instrument(app: Flask, metrics_: Metrics) -> None:

@@ -99,6 +99,11 @@ class Dataset:
         return counts
 
     def to_archive(self) -> bytes:
+        buffer = io.BytesIO()
+        self.write_archive(buffer)
+        return buffer.getvalue()
+
+    def write_archive(self, file: typing.BinaryIO) -> None:
         """Packs the dataset as a server-built zip: members named by index only, plus a manifest."""
         manifest = {
             "version": _ARCHIVE_FORMAT_VERSION,
@@ -106,19 +111,18 @@ class Dataset:
             "images": [{"label": image.label, "path": image.path} for image in self.images],
             "skipped": [{"path": item.path, "reason": item.reason} for item in self.skipped],
         }
-        buffer = io.BytesIO()
         # NB: ZIP_STORED because the images are already compressed; deflating them again only costs.
-        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED) as archive:
             archive.writestr(_stored_info(_MANIFEST_NAME), json.dumps(manifest, ensure_ascii=False))
             for index, image in enumerate(self.images):
                 archive.writestr(_stored_info(_image_member_name(index)), image.data)
-        return buffer.getvalue()
 
     @classmethod
-    def from_archive(cls, data: bytes) -> Dataset:
-        """Unpacks what `to_archive` wrote; anything else raises DatasetArchiveError."""
+    def from_archive(cls, data: bytes | typing.BinaryIO) -> Dataset:
+        """Unpacks what `write_archive` wrote (bytes or a seekable file); anything else raises
+        DatasetArchiveError."""
         try:
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            with zipfile.ZipFile(io.BytesIO(data) if isinstance(data, bytes) else data) as archive:
                 manifest = json.loads(archive.read(_MANIFEST_NAME).decode("utf-8"))
                 labels, entries, skipped = _parse_manifest(manifest)
                 expected = [_MANIFEST_NAME] + [_image_member_name(i) for i in range(len(entries))]

@@ -1,12 +1,30 @@
-"""Prometheus metrics, on a registry of the app's own (so several apps can live in one process)."""
+"""Prometheus metrics, on a registry of the app's own (so several apps can live in one process).
+
+Counters of what this process did, plus gauges read from the store (the truth shared by every
+replica and worker) and from the broker at scrape time.
+"""
 
 from __future__ import annotations
 
+import bisect
+import logging
+import threading
+import time
 from collections import Counter as Tally
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+
+from service.errors import HeadstartError
+from service.schemas import ClassifierRecord
+
+log = logging.getLogger(__name__)
+
+#: Scrapes within this many seconds share one read of the store.
+STORE_SNAPSHOT_S = 10.0
+JOB_SECONDS_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 3600, 7200, 21600)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -24,12 +42,8 @@ class Metrics:
         self.predicted_images = Counter("headstart_predicted_images", "Images classified",
                                         registry=self.registry)
         self.job_transitions = Counter("headstart_training_job_transitions",
-                                       "Training jobs entering a state", ["state"],
-                                       registry=self.registry)
-        self.job_seconds = Histogram("headstart_training_job_seconds",
-                                     "Wall time of successful training jobs",
-                                     registry=self.registry,
-                                     buckets=(10, 30, 60, 120, 300, 600, 1200, 3600, 7200))
+                                       "Training jobs this process moved into a state",
+                                       ["state"], registry=self.registry)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
@@ -38,36 +52,78 @@ class Metrics:
     def predictions(self, count: int) -> None:
         self.predicted_images.inc(count)
 
-    def job_event(self, state: str, seconds: float | None = None) -> None:
+    def job_event(self, state: str) -> None:
         self.job_transitions.labels(state).inc()
-        if seconds is not None:
-            self.job_seconds.observe(seconds)
 
-    def watch(self, jobs_by_state: Callable[[], dict[str, int]],
-              backbone_passes: Callable[[], int]) -> None:
-        """Adds gauges read at scrape time from the store (the truth) and the backbone."""
-        self.registry.register(_LiveCollector(jobs_by_state, backbone_passes))
+    def watch(self, records: Callable[[], list[ClassifierRecord]],
+              queue_depth: Callable[[], int | None], backbone_passes: Callable[[], int]) -> None:
+        """Adds metrics read at scrape time from the store, the queue and the backbone."""
+        self.registry.register(_LiveCollector(records, queue_depth, backbone_passes))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _LiveCollector:
-    def __init__(self, jobs_by_state, backbone_passes):
-        self._jobs_by_state = jobs_by_state
+    def __init__(self, records, queue_depth, backbone_passes):
+        self._records = records
+        self._queue_depth = queue_depth
         self._backbone_passes = backbone_passes
+        self._snapshot: tuple[float, list[ClassifierRecord]] = (float("-inf"), [])
+        self._lock = threading.Lock()
 
     def describe(self):
         return []
 
+    def _read_store(self) -> list[ClassifierRecord]:
+        with self._lock:
+            taken, records = self._snapshot
+            if time.monotonic() - taken > STORE_SNAPSHOT_S:
+                try:
+                    records = self._records()
+                except HeadstartError as error:  # keep serving metrics; /readyz says why
+                    log.warning("metrics: cannot read the store: %s", error.detail)
+                    return records
+                self._snapshot = (time.monotonic(), records)
+            return records
+
     def collect(self):
-        jobs = GaugeMetricFamily("headstart_classifiers", "Classifiers in the store by status",
-                                 labels=["status"])
-        counts = Tally(self._jobs_by_state())
+        records = self._read_store()
+        by_status = GaugeMetricFamily("headstart_classifiers", "Classifiers in the store by status",
+                                      labels=["status"])
+        counts = Tally(record.status for record in records)
         for status in ("queued", "training", "ready", "failed", "cancelled"):
-            jobs.add_metric([status], counts.get(status, 0))
-        yield jobs
+            by_status.add_metric([status], counts.get(status, 0))
+        yield by_status
+        yield _job_seconds(record.training_seconds for record in records
+                           if record.training_seconds is not None)
+        try:
+            depth = self._queue_depth()
+        except HeadstartError as error:
+            log.warning("metrics: cannot read the queue depth: %s", error.detail)
+            depth = None
+        if depth is not None:
+            queue = GaugeMetricFamily("headstart_queue_depth",
+                                      "Training jobs waiting in the queue for a worker")
+            queue.add_metric([], depth)
+            yield queue
         passes = CounterMetricFamily("headstart_backbone_images",
                                      "Images sent through the backbone by this process")
         passes.add_metric([], self._backbone_passes())
         yield passes
+
+
+def _job_seconds(durations) -> HistogramMetricFamily:
+    """Training wall time of the ready classifiers in the store, whichever worker trained them."""
+    counts, total = [0] * (len(JOB_SECONDS_BUCKETS) + 1), 0.0
+    for seconds in durations:
+        counts[bisect.bisect_left(JOB_SECONDS_BUCKETS, seconds)] += 1
+        total += seconds
+    cumulative, buckets = 0, []
+    for bound, count in zip((*map(str, JOB_SECONDS_BUCKETS), "+Inf"), counts):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    family = HistogramMetricFamily("headstart_training_job_seconds",
+                                   "Training wall time of the ready classifiers in the store")
+    family.add_metric([], buckets, sum_value=total)
+    return family

@@ -1,8 +1,8 @@
 """Training runners: how a queued job reaches a worker.
 
 `TrainingRunner` is the interface the use cases see. `ThreadRunner` is the embedded default: one
-background thread in the API process runs jobs one at a time. A distributed queue implements the
-same interface.
+background thread in the API process runs jobs one at a time. `service.broker.CeleryRunner`
+implements the same interface over a distributed queue.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ class TrainingRunner(Protocol):
 
     def ping(self) -> None:
         """Raises `ServiceUnavailable` when jobs cannot be queued."""
+
+    def depth(self) -> int | None:
+        """Jobs waiting for a worker; raises `ServiceUnavailable` when the queue is unreachable."""
 
 
 JobFunction = Callable[[str, Callable[[], bool]], None]
@@ -61,9 +64,8 @@ class ThreadRunner:
             from service.errors import ServiceUnavailable
             raise ServiceUnavailable("the training runner thread has stopped")
 
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize() + (1 if self._running else 0)
+    def depth(self) -> int:
+        return self._queue.qsize()
 
     def _loop(self) -> None:
         while True:

@@ -119,8 +119,14 @@ class ClassifierList(BaseModel):
 
 
 class Lease(BaseModel):
+    """Which worker runs the job, and when it last said so. A lease older than
+    `lease_seconds` means the worker is gone."""
+
     owner: str
     heartbeat_at: datetime
+
+    def expired(self, lease_seconds: float, now: datetime | None = None) -> bool:
+        return ((now or utc_now()) - self.heartbeat_at).total_seconds() > lease_seconds
 
 
 class ClassifierRecord(Classifier):
@@ -128,7 +134,9 @@ class ClassifierRecord(Classifier):
 
     attempts: int = 0
     lease: Lease | None = None
+    run: str | None = Field(None, description="The training run whose head and report are current")
     head: HeadOptions | None = Field(None, description="The head that was trained")
+    training_seconds: float | None = None
 
     def public(self) -> Classifier:
         return Classifier.model_validate(self.model_dump(include=set(Classifier.model_fields)))

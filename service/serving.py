@@ -9,8 +9,18 @@ from collections.abc import Callable
 
 from service.errors import ServiceUnavailable
 from service.schemas import ClassifierRecord
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def load_configured_backbone(settings: Settings):
+    """The backbone `HEADSTART_BACKBONE_WEIGHTS` and `HEADSTART_IMAGE_SIZE` ask for."""
+    from models.backbone import load_backbone  # NB: TensorFlow is imported here, after fork
+    from service.weights_source import local_weights
+
+    return load_backbone(local_weights(settings), settings.image_size,
+                         cache_dir=settings.weights_cache)
 
 
 class BackboneHolder:

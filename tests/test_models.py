@@ -9,6 +9,7 @@ from models import heads, training
 from models.augmentation import Augmentation, augment
 from models.backbone import FEATURE_DIM, build_vgg16
 from models.prediction import class_scores, rank
+from models.weights import IMAGENET_FINGERPRINT
 from models.preprocessing import load_image
 from tests.helpers import COLOURS, image_bytes
 
@@ -37,7 +38,8 @@ def test_backbone_gives_2048_features_and_is_frozen(backbone):
     features = backbone.features(pixels)
     assert features.shape == (3, FEATURE_DIM) and features.dtype == np.float32
     assert backbone.model.trainable_weights == []
-    assert backbone.identity.weights == "random" and backbone.identity.fingerprint is None
+    assert backbone.identity.weights == "random"
+    assert backbone.identity.fingerprint != IMAGENET_FINGERPRINT
 
 
 def test_backbone_rejects_wrong_image_shape(backbone):
