@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
 
-.PHONY: install run test bench clean
+.PHONY: install run run-cluster test bench clean
 
 install: $(STAMP)
 
@@ -23,6 +23,12 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/python -m service.weights_source
 	PORT=$(PORT) exec $(BIN)/gunicorn -c service/gunicorn.conf.py service.wsgi:app
+
+## The distributed topology on one machine: Redis, rclone serve s3 on a fresh folder under
+## var/cluster, APIs on $(PORT) and $(PORT)+1, two training workers. Ctrl-C stops them all.
+run-cluster: install
+	$(BIN)/python -m service.weights_source
+	PORT=$(PORT) exec $(BIN)/python -m service.cluster
 
 ## The test suite (fast: random weights, 32 px; real-weight tests skip without ../shared).
 test: install

@@ -130,6 +130,20 @@ def build_vgg16(image_size: int) -> keras.Model:
     return model
 
 
+def _initialise(model: keras.Model, seed: int) -> None:
+    """Glorot-uniform kernels and zero biases from a private generator: the same weights in
+    every process, whatever else has drawn from the global random state (other threads do)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        kernel, bias = layer.get_weights()
+        fan_in, fan_out = np.prod(kernel.shape[:-1]), np.prod(kernel.shape[:-2]) * kernel.shape[-1]
+        limit = np.sqrt(6 / (fan_in + fan_out))
+        layer.set_weights([rng.uniform(-limit, limit, kernel.shape).astype(kernel.dtype),
+                           np.zeros_like(bias)])
+
+
 def load_backbone(weights: str, image_size: int, *, cache_dir: Path,
                   seed: int = 0) -> Backbone:
     """Builds the backbone from a weights setting.
@@ -144,8 +158,7 @@ def load_backbone(weights: str, image_size: int, *, cache_dir: Path,
     _grow_gpu_memory()
     model = build_vgg16(image_size)
     if weights == RANDOM:
-        keras.utils.set_random_seed(seed)
-        model = build_vgg16(image_size)  # rebuilt under the seed, so "random" is reproducible
+        _initialise(model, seed)
         log.warning("backbone weights are RANDOM: for development and tests only, "
                     "predictions are meaningless")
         # NB: fingerprinted too, so API replicas and workers can check they hold the same one.

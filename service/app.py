@@ -137,10 +137,11 @@ def _sweep_lost_jobs(services_: jobs.Services) -> None:
     """Every few seconds, re-queue the jobs of workers that died. Each API replica sweeps; a
     job re-queued twice is delivered twice, and the second delivery finds it taken."""
     interval = services_.settings.lease_seconds / 3
+    jitter = random.Random()  # NB: not the global generator, which seeded code may share
 
     def sweep() -> None:
         while True:
-            time.sleep(interval * random.uniform(0.8, 1.2))
+            time.sleep(interval * jitter.uniform(0.8, 1.2))
             try:
                 jobs.requeue_lost_jobs(services_)
             except HeadstartError as error:

@@ -72,6 +72,10 @@ class LocalServer:
         raise NotImplementedError
 
     @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

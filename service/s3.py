@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO
+from typing import IO
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -35,7 +35,7 @@ def s3_client(settings: Settings, *, fast: bool = False):
     """
     if fast:
         # NB: botocore's max_attempts counts retries only; total_max_attempts includes the first.
-        patience = dict(connect_timeout=2, read_timeout=30,
+        patience = dict(connect_timeout=2, read_timeout=10,
                         retries={"total_max_attempts": 2, "mode": "standard"})
     else:
         patience = dict(connect_timeout=5, read_timeout=60,
@@ -44,10 +44,10 @@ def s3_client(settings: Settings, *, fast: bool = False):
     config = Config(s3={"addressing_style": settings.s3_addressing_style},
                     request_checksum_calculation="when_required",
                     response_checksum_validation="when_required", **patience)
-    secret = getattr(settings, "s3_secret_access_key", None)
+    secret = settings.s3_secret_access_key
     return boto3.client("s3", endpoint_url=settings.s3_endpoint_url,
                         region_name=settings.s3_region, config=config,
-                        aws_access_key_id=getattr(settings, "s3_access_key_id", None),
+                        aws_access_key_id=settings.s3_access_key_id,
                         aws_secret_access_key=None if secret is None else secret.get_secret_value())
 
 
@@ -116,10 +116,10 @@ class S3BlobStore:
         with self._errors():
             self.client.put_object(Bucket=self.bucket, Key=self._object(key), Body=data)
 
-    def put_file(self, key: str, fileobj: BinaryIO) -> None:
+    def put_file(self, key: str, file: IO[bytes]) -> None:
         """Streams a readable binary file; large ones go up in parts, never whole in memory."""
         with self._errors():
-            self.client.upload_fileobj(fileobj, self.bucket, self._object(key), Config=_TRANSFER)
+            self.client.upload_fileobj(file, self.bucket, self._object(key), Config=_TRANSFER)
 
     def get(self, key: str) -> bytes:
         with self._errors(key):
@@ -127,11 +127,10 @@ class S3BlobStore:
             with response["Body"] as body:
                 return body.read()
 
-    def get_file(self, key: str, fileobj: BinaryIO) -> None:
+    def get_file(self, key: str, file: IO[bytes]) -> None:
         """Streams the object into a writable binary file; on an error it may hold part of it."""
         with self._errors(key):
-            self.client.download_fileobj(self.bucket, self._object(key), fileobj,
-                                         Config=_TRANSFER)
+            self.client.download_fileobj(self.bucket, self._object(key), file, Config=_TRANSFER)
 
     def exists(self, key: str) -> bool:
         try:

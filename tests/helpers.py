@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
+import urllib.error
+import urllib.request
 import uuid
 import zlib
 import zipfile
@@ -60,3 +63,18 @@ def multipart(fields: dict[str, list[tuple[str, bytes]] | str]) -> tuple[bytes, 
             body.write(data + b"\r\n")
     body.write(f"--{boundary}--\r\n".encode())
     return body.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+def call(method: str, url: str, body: bytes | None = None, content_type: str | None = None,
+         timeout: float = 30):
+    """One HTTP request: (status, headers, parsed JSON body or None)."""
+    request = urllib.request.Request(url, data=body, method=method)
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            data = response.read()
+            return response.status, dict(response.headers), json.loads(data) if data else None
+    except urllib.error.HTTPError as error:
+        data = error.read()
+        return error.code, dict(error.headers), json.loads(data) if data else None

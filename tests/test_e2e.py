@@ -3,38 +3,17 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import COLOURS, dataset_zip, image_bytes, multipart
+from service.localservers import free_port
+from tests.helpers import COLOURS, call, dataset_zip, image_bytes, multipart
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def call(method, url, body=None, content_type=None):
-    request = urllib.request.Request(url, data=body, method=method)
-    if content_type:
-        request.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            data = response.read()
-            return response.status, dict(response.headers), json.loads(data) if data else None
-    except urllib.error.HTTPError as error:
-        data = error.read()
-        return error.code, dict(error.headers), json.loads(data) if data else None
 
 
 @pytest.fixture(scope="module")
