@@ -151,6 +151,19 @@ def verify_file(path: str | Path) -> str:
     return found
 
 
+def export_weights(source: str | Path, target: str | Path) -> str:
+    """Rewrites a verified weights file (either format) as a `.weights.h5` file at `target`.
+
+    Returns:
+        The fingerprint of the written file, checked to equal `IMAGENET_FINGERPRINT`.
+    """
+    verify_file(source)
+    model = _vgg16_notop()
+    model.load_weights(str(source))
+    save_weights([t for layer in _conv_layers(model) for t in layer.get_weights()], target)
+    return verify_file(target)
+
+
 def keras_models_dir() -> Path:
     """Returns Keras's cache folder for application weights: $KERAS_HOME/models, ~/.keras/models."""
     # NB: read at call time; Keras itself reads KERAS_HOME once, when it is imported.

@@ -17,7 +17,7 @@ from service.metrics import CONTENT_TYPE, Metrics
 from service.openapi import DOCS_HTML, build_document, documented
 from service.routes import api, json_response, services
 from service.runner import ThreadRunner
-from service.schemas import BackboneOut, Health, Readiness
+from service.schemas import BackboneOut, Health, Readiness, Startup
 from service.serving import BackboneHolder, HeadCache, load_configured_backbone
 from service.settings import Settings
 from service.store import open_store
@@ -33,6 +33,18 @@ ops = Blueprint("ops", __name__)
 def healthz():
     """Liveness: the process answers."""
     return json_response(Health(status="ok"))
+
+
+@ops.get("/startupz")
+@documented(responses={200: Startup, 503: Startup})
+def startupz():
+    """Startup: the backbone is loaded and warmed up (Kubernetes' startupProbe). Unlike
+    /readyz it ignores the store and the broker, so an outage elsewhere never restarts pods."""
+    s = services()
+    if s.backbone.ready:
+        return json_response(Startup(status="ok"))
+    return json_response(Startup(status=f"failed: {s.backbone.error}" if s.backbone.error
+                                 else "loading"), 503)
 
 
 @ops.get("/readyz")

@@ -13,6 +13,9 @@ preload_app = False
 timeout = 300          # a predict batch or a large upload may take minutes on a small CPU
 graceful_timeout = 60  # SIGTERM lets in-flight requests finish
 keepalive = 5
+# NB: no control socket: it lives in $HOME, which a read-only container does not have, and two
+# servers on one machine (make run-cluster) would share it.
+control_socket_disable = True
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("HEADSTART_LOG_LEVEL", "info")

@@ -250,6 +250,10 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class Startup(BaseModel):
+    status: str = Field(description='"ok", "loading", or why the backbone failed to load')
+
+
 class Readiness(BaseModel):
     ready: bool
     checks: dict[str, Annotated[str, Field(description='"ok" or the reason it is not')]]

@@ -362,6 +362,7 @@ def test_bad_top_k_is_422(client, ready_classifier):
 
 def test_health_and_readiness(client):
     assert client.get("/healthz").json == {"status": "ok"}
+    assert client.get("/startupz").json == {"status": "ok"}
     ready = client.get("/readyz").json
     assert ready["ready"] is True
     assert ready["checks"] == {"backbone": "ok", "store": "ok", "queue": "ok"}
@@ -379,6 +380,8 @@ def test_readyz_is_503_while_the_backbone_loads(tmp_path):
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json["checks"]["backbone"].startswith("failed")
+    startup = client.get("/startupz")
+    assert startup.status_code == 503 and startup.json["status"].startswith("failed")
     create = post_dataset(client, dataset_zip(3))
     assert create.status_code == 503 and create.mimetype == "application/problem+json"
 
