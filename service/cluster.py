@@ -77,7 +77,8 @@ class Cluster:
             s3 = RcloneS3Server(self._free_port(), self.data / "s3", S3_ACCESS_KEY, S3_SECRET_KEY)
             s3.create_bucket(BUCKET)
             self._serve(s3)
-            self.env.update(HEADSTART_STORE=f"s3://{BUCKET}/", HEADSTART_S3_ENDPOINT_URL=s3.endpoint_url,
+            self.env.update(HEADSTART_STORE=f"s3://{BUCKET}/",
+                            HEADSTART_S3_ENDPOINT_URL=s3.endpoint_url,
                             HEADSTART_S3_ADDRESSING_STYLE="path", HEADSTART_S3_REGION="us-east-1",
                             HEADSTART_S3_ACCESS_KEY_ID=S3_ACCESS_KEY,
                             HEADSTART_S3_SECRET_ACCESS_KEY=S3_SECRET_KEY)

@@ -1,6 +1,7 @@
 """Turns `HEADSTART_BACKBONE_WEIGHTS` into something `models.backbone.load_backbone` takes:
 "imagenet", "random" or a local file. An `s3://bucket/key` is downloaded into the weights cache
-first (through `service.s3`; boto3 never reaches models/); the fingerprint check happens when the file loads."""
+first (through `service.s3`; boto3 never reaches models/); the fingerprint check happens when
+the file loads."""
 
 from __future__ import annotations
 

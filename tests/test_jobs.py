@@ -59,6 +59,16 @@ def create(services) -> str:
     return jobs.create_classifier(services, io.BytesIO(dataset_zip(6)), OPTIONS).id
 
 
+def mark_training(services, classifier_id, attempts: int, heartbeat_age_s: float = 0):
+    """Writes the record as a worker would have left it: training, with a lease of that age."""
+    record = services.store.load_record(classifier_id)
+    record.status, record.attempts = "training", attempts
+    record.lease = Lease(owner=f"worker:{attempts}:1",
+                         heartbeat_at=utc_now() - timedelta(seconds=heartbeat_age_s))
+    services.store.save_record(record)
+    return record
+
+
 def files(services, classifier_id, folder):
     return [key for key in services.store.blobs.list(f"classifiers/{classifier_id}/{folder}")]
 
@@ -84,10 +94,7 @@ def test_a_delivery_of_a_finished_job_changes_nothing(services):
 
 def test_a_delivery_under_a_live_lease_is_dropped(services):
     classifier_id = create(services)
-    record = services.store.load_record(classifier_id)
-    record.status, record.attempts = "training", 1
-    record.lease = Lease(owner="elsewhere:1:1", heartbeat_at=utc_now())
-    services.store.save_record(record)
+    record = mark_training(services, classifier_id, attempts=1)
     jobs.run_training_job(services, classifier_id)
     assert services.store.load_record(classifier_id) == record
 
@@ -124,20 +131,13 @@ def test_two_workers_claiming_at_once_leave_one_consistent_classifier(services):
 
 def test_the_sweep_requeues_an_expired_lease_then_fails_the_job(services):
     classifier_id = create(services)
-    record = services.store.load_record(classifier_id)
-    record.status, record.attempts = "training", 1
-    record.lease = Lease(owner="gone:1:1", heartbeat_at=utc_now() - timedelta(seconds=6))
-    services.store.save_record(record)
-
+    mark_training(services, classifier_id, attempts=1, heartbeat_age_s=6)
     jobs.requeue_lost_jobs(services)
     requeued = services.store.load_record(classifier_id)
     assert requeued.status == "queued" and requeued.lease is None
     assert services.runner.submitted == [classifier_id, classifier_id]
 
-    record = requeued
-    record.status, record.attempts = "training", 2
-    record.lease = Lease(owner="gone:2:1", heartbeat_at=utc_now() - timedelta(seconds=6))
-    services.store.save_record(record)
+    mark_training(services, classifier_id, attempts=2, heartbeat_age_s=6)
     jobs.requeue_lost_jobs(services)
     failed = services.store.load_record(classifier_id)
     assert failed.status == "failed" and "2 times" in failed.error.detail
@@ -145,10 +145,7 @@ def test_the_sweep_requeues_an_expired_lease_then_fails_the_job(services):
 
 def test_the_sweep_leaves_live_jobs_alone(services):
     classifier_id = create(services)
-    record = services.store.load_record(classifier_id)
-    record.status, record.attempts = "training", 1
-    record.lease = Lease(owner="alive:1:1", heartbeat_at=utc_now())
-    services.store.save_record(record)
+    record = mark_training(services, classifier_id, attempts=1)
     jobs.requeue_lost_jobs(services)
     assert services.store.load_record(classifier_id) == record
 
