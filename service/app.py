@@ -18,7 +18,8 @@ from service.openapi import DOCS_HTML, build_document, documented
 from service.routes import api, json_response, services
 from service.runner import ThreadRunner
 from service.schemas import BackboneOut, Health, Readiness, Startup
-from service.serving import BackboneHolder, HeadCache, load_configured_backbone
+from service.serving import (BackboneHolder, HeadCache, batching_options,
+                             load_configured_backbone)
 from service.settings import Settings
 from service.store import open_store
 
@@ -113,7 +114,7 @@ def create_app(settings: Settings | None = None, *,
     store = open_store(settings)
     metrics_ = Metrics()
     backbone = BackboneHolder(lambda: load_configured_backbone(settings),
-                              on_error=on_backbone_error)
+                              on_error=on_backbone_error, batching=batching_options(settings))
     services_ = jobs.Services(settings=settings, store=store, backbone=backbone,
                               heads=None, runner=None, metrics=metrics_)
     services_.heads = HeadCache(lambda record: _load_head(services_, record),

@@ -25,7 +25,7 @@ from models import training
 from models.augmentation import Augmentation
 from models.backbone import device_name
 from models.heads import AUTO_CANDIDATES, HeadSpec, serialize_weights
-from models.prediction import class_scores, rank
+from models.prediction import apply_head, rank
 from models.preprocessing import ImageDecodeError, load_image
 from service.datasets import Dataset, DatasetLimits, read_dataset_zip
 from service.errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
@@ -165,12 +165,11 @@ def predict(services: Services, classifier_id: str, images: list[bytes],
     record = services.store.load_record(classifier_id)
     if record.status != "ready":
         raise Conflict(f"classifier {classifier_id} is {record.status}, not ready")
-    backbone = services.backbone.get()
-    pixels = np.stack([_decode_for_prediction(data, index, backbone.image_size,
-                                              services.settings.max_image_pixels)
+    size = services.backbone.get().image_size
+    pixels = np.stack([_decode_for_prediction(data, index, size, services.settings.max_image_pixels)
                        for index, data in enumerate(images)])
     head = services.heads.get(record)
-    scores = class_scores(backbone, head, pixels)
+    scores = apply_head(head, services.backbone.features(pixels))  # a shared, batched pass
     services.metrics.predictions(len(images))
     ranked = rank(scores, record.labels, min(top_k, len(record.labels)))
     return PredictionResponse(classifier_id=classifier_id, predictions=[

@@ -7,6 +7,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
+from service.batching import FeatureBatcher
 from service.errors import ServiceUnavailable
 from service.schemas import ClassifierRecord
 from service.settings import Settings
@@ -23,6 +24,13 @@ def load_configured_backbone(settings: Settings):
                          cache_dir=settings.weights_cache)
 
 
+def batching_options(settings: Settings) -> dict:
+    return {"max_batch": settings.predict_max_batch,
+            "max_wait_s": settings.predict_max_wait_ms / 1000,
+            "max_queued": settings.predict_max_queued_images,
+            "timeout_s": settings.predict_timeout_s}
+
+
 class BackboneHolder:
     """Loads the backbone on a background thread so the process answers /healthz meanwhile.
 
@@ -31,10 +39,14 @@ class BackboneHolder:
     """
 
     def __init__(self, load: Callable[[], "Backbone"],  # noqa: F821
-                 on_error: Callable[[BaseException], None] | None = None):
+                 on_error: Callable[[BaseException], None] | None = None,
+                 batching: dict | None = None):
         self._load = load
         self._on_error = on_error
+        self._batching = batching or {"max_batch": 32, "max_wait_s": 0.002,
+                                      "max_queued": 256, "timeout_s": 30.0}
         self._backbone = None
+        self._batcher: FeatureBatcher | None = None
         self.error: str | None = None
         self._ready = threading.Event()
 
@@ -45,6 +57,7 @@ class BackboneHolder:
         try:
             backbone = self._load()
             backbone.warm_up()
+            self._batcher = FeatureBatcher(backbone, **self._batching)
             self._backbone = backbone
             log.info("backbone ready: %s", backbone.identity.as_dict())
         except Exception as error:  # any failure must surface in /readyz and the log
@@ -77,6 +90,15 @@ class BackboneHolder:
 
     def identity(self):
         return self.get().identity
+
+    def features(self, images):
+        """Backbone features for a request's images, through the shared batching queue."""
+        self.get()
+        return self._batcher.features(images)
+
+    @property
+    def queued_images(self) -> int:
+        return self._batcher.queued if self._batcher else 0
 
 
 class HeadCache:

@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(50 * 1024**2, gt=0, description="Largest single image file")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image, width × height")
     max_predict_images: int = Field(64, gt=0, description="Most images in one predict request")
+    predict_max_batch: int = Field(
+        32, ge=1, le=256, description="Most images in one shared backbone pass")
+    predict_max_wait_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a pass waits for more requests to join it")
+    predict_max_queued_images: int = Field(
+        256, gt=0, description="Images waiting for the backbone before requests get a 503")
+    predict_timeout_s: float = Field(
+        30.0, gt=0, description="Longest a predict request waits for the backbone")
 
     head_cache_size: int = Field(256, gt=0, description="Heads kept in memory per process")
     max_attempts: int = Field(2, ge=1, description="Runs of a training job before it is marked failed")

@@ -1,0 +1,139 @@
+"""Dynamic batching in front of the shared backbone.
+
+Every request thread of a process hands its decoded images to one `FeatureBatcher`; a single
+thread runs the backbone over whatever has gathered while the previous pass ran (plus at most
+`max_wait_s` for stragglers), up to `max_batch` images, so concurrent requests for any mix of
+classifiers share passes. Batches are padded to a power of two, so the compiled function sees a
+handful of shapes. Heads are applied per request afterwards, in the request's own thread.
+
+The queue is bounded in images: a request that would overflow it is refused at once with a 503
+(`Overloaded`), and a request waits at most `timeout_s` for its features.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.errors import ServiceUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(ServiceUnavailable):
+    title = "Overloaded"
+
+    def __init__(self, detail: str):
+        super().__init__(detail, headers={"Retry-After": "1"})
+
+
+@dataclass(eq=False)
+class _Chunk:
+    """At most `max_batch` images of one request, and where their features go."""
+
+    images: np.ndarray
+    done: threading.Event = field(default_factory=threading.Event)
+    features: np.ndarray | None = None
+    error: BaseException | None = None
+    abandoned: bool = False
+
+
+class FeatureBatcher:
+    def __init__(self, backbone, *, max_batch: int, max_wait_s: float, max_queued: int,
+                 timeout_s: float):
+        self.backbone = backbone
+        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self.max_queued, self.timeout_s = max_queued, timeout_s
+        self._pending: deque[_Chunk] = deque()
+        self._queued = 0  # images waiting, not yet in a pass
+        self._cond = threading.Condition()
+        self.batches = 0  # passes run, for metrics and tests
+        threading.Thread(target=self._loop, name="feature-batcher", daemon=True).start()
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """Backbone features of `images` (batch, size, size, 3), computed in shared passes.
+
+        Raises:
+            Overloaded: the queue holds too many images already; retry shortly.
+            ServiceUnavailable: the features did not come within `timeout_s`.
+        """
+        chunks = [_Chunk(images[start:start + self.max_batch])
+                  for start in range(0, len(images), self.max_batch)]
+        with self._cond:
+            if self._queued + len(images) > self.max_queued:
+                raise Overloaded(f"{self._queued} images are waiting for the backbone (the limit "
+                                 f"is {self.max_queued}); retry shortly")
+            self._pending.extend(chunks)
+            self._queued += len(images)
+            self._cond.notify()
+        deadline = time.monotonic() + self.timeout_s
+        for chunk in chunks:
+            if not chunk.done.wait(max(0.0, deadline - time.monotonic())):
+                self._abandon(chunks)
+                raise ServiceUnavailable(
+                    f"prediction did not finish within {self.timeout_s:g} s; the server is busy",
+                    headers={"Retry-After": "5"})
+            if chunk.error is not None:
+                raise chunk.error
+        return np.concatenate([chunk.features for chunk in chunks])
+
+    def _abandon(self, chunks: list[_Chunk]) -> None:
+        with self._cond:
+            for chunk in chunks:
+                chunk.abandoned = True
+                if chunk in self._pending:
+                    self._pending.remove(chunk)
+                    self._queued -= len(chunk.images)
+
+    def _take_batch(self) -> list[_Chunk]:
+        """Blocks for work; then gathers up to max_batch images, waiting max_wait_s at most."""
+        with self._cond:
+            while not self._pending:
+                self._cond.wait()
+            deadline = time.monotonic() + self.max_wait_s
+            while self._queued < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(left)
+            batch, count = [], 0
+            while self._pending and count + len(self._pending[0].images) <= self.max_batch:
+                chunk = self._pending.popleft()
+                batch.append(chunk)
+                count += len(chunk.images)
+            self._queued -= count
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            images = np.concatenate([chunk.images for chunk in batch])
+            try:
+                features = self.backbone.features(_pad(images, self.max_batch))[:len(images)]
+            except Exception as error:  # handed to the waiting requests, which raise it
+                log.exception("backbone pass failed")
+                for chunk in batch:
+                    chunk.error = error
+                    chunk.done.set()
+                continue
+            self.batches += 1
+            offset = 0
+            for chunk in batch:
+                chunk.features = features[offset:offset + len(chunk.images)]
+                offset += len(chunk.images)
+                chunk.done.set()
+
+
+def _pad(images: np.ndarray, max_batch: int) -> np.ndarray:
+    """Zero-pads the batch to the next power of two (at most max_batch): few distinct shapes."""
+    size = min(max_batch, 1 << (len(images) - 1).bit_length())
+    if size == len(images):
+        return images
+    padding = np.zeros((size - len(images), *images.shape[1:]), images.dtype)
+    return np.concatenate([images, padding])

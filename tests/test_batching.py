@@ -1,0 +1,114 @@
+"""The shared batching queue in front of the backbone, with the real (random, 32 px) backbone."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import FeatureBatcher, Overloaded, _pad
+from service.errors import ServiceUnavailable
+
+RNG = np.random.default_rng(0)
+
+
+def images(count: int) -> np.ndarray:
+    return RNG.integers(0, 256, (count, 32, 32, 3)).astype(np.uint8)
+
+
+class Gate:
+    """The real backbone behind a gate the test opens, to hold passes back."""
+
+    def __init__(self, backbone):
+        self.backbone, self.open = backbone, threading.Event()
+        self.batch_sizes: list[int] = []
+
+    def features(self, pixels):
+        self.open.wait(10)
+        self.batch_sizes.append(len(pixels))
+        return self.backbone.features(pixels)
+
+
+def batcher(backbone, **overrides) -> FeatureBatcher:
+    options = {"max_batch": 32, "max_wait_s": 0.0, "max_queued": 256, "timeout_s": 10.0}
+    return FeatureBatcher(backbone, **{**options, **overrides})
+
+
+def test_concurrent_requests_share_passes_and_get_their_own_features(backbone):
+    gate = Gate(backbone)
+    shared = batcher(gate)
+    requests = [images(1 + i % 3) for i in range(12)]
+    results: dict[int, np.ndarray] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+        i, shared.features(requests[i]))) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # all twelve are queued behind the first pass
+    gate.open.set()
+    for thread in threads:
+        thread.join(30)
+    assert shared.batches < len(requests)
+    assert all(size in (1, 2, 4, 8, 16, 32) for size in gate.batch_sizes)
+    for i, pixels in enumerate(requests):
+        np.testing.assert_allclose(results[i], backbone.features(pixels), rtol=1e-4, atol=1e-4)
+
+
+def test_a_request_larger_than_a_batch_is_split(backbone):
+    pixels = images(70)
+    features = batcher(backbone, max_batch=32).features(pixels)
+    assert features.shape == (70, backbone.feature_dim)
+    np.testing.assert_allclose(features, backbone.features(pixels), rtol=1e-4, atol=1e-4)
+
+
+def test_a_full_queue_refuses_at_once_with_retry_after(backbone):
+    gate = Gate(backbone)
+    shared = batcher(gate, max_queued=8)
+    holders = [threading.Thread(target=shared.features, args=(images(4),)) for _ in range(3)]
+    for thread in holders:  # one in the (held) pass, two waiting: 8 queued
+        thread.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    with pytest.raises(Overloaded) as refused:
+        shared.features(images(1))
+    assert time.monotonic() - started < 0.1
+    assert refused.value.status == 503 and refused.value.headers["Retry-After"]
+    gate.open.set()
+    for thread in holders:
+        thread.join(30)
+    shared.features(images(1))  # drained: accepted again
+
+
+def test_a_request_waits_at_most_its_timeout(backbone):
+    gate = Gate(backbone)
+    shared = batcher(gate, timeout_s=0.3)
+    blocker = threading.Thread(target=lambda: pytest.raises(ServiceUnavailable,
+                                                            shared.features, images(1)))
+    blocker.start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match="within 0.3 s"):
+        shared.features(images(2))
+    assert time.monotonic() - started < 1
+    assert shared.queued == 0  # the abandoned request left the queue
+    gate.open.set()
+    blocker.join(30)
+
+
+def test_a_failed_pass_fails_its_requests_and_the_next_pass_works(backbone):
+    class Flaky:
+        calls = 0
+
+        def features(self, pixels):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("device lost")
+            return backbone.features(pixels)
+
+    shared = batcher(Flaky())
+    with pytest.raises(RuntimeError, match="device lost"):
+        shared.features(images(1))
+    assert shared.features(images(2)).shape == (2, backbone.feature_dim)
+
+
+def test_padding_keeps_few_shapes():
+    assert [len(_pad(images(n), 32)) for n in (1, 2, 3, 5, 9, 17, 32)] == [1, 2, 4, 8, 16, 32, 32]
