@@ -4,7 +4,9 @@ Every request thread of a process hands its decoded images to one `FeatureBatche
 thread runs the backbone over whatever has gathered while the previous pass ran (plus at most
 `max_wait_s` for stragglers), up to `max_batch` images, so concurrent requests for any mix of
 classifiers share passes. Batches are padded to a power of two, so the compiled function sees a
-handful of shapes. Heads are applied per request afterwards, in the request's own thread.
+handful of shapes. Each request's head is applied right after the pass, on the same thread:
+TensorFlow calls from request threads running beside the backbone's pass slowed it 2.4x here
+(thread pools and the GIL fighting), so request threads only decode images.
 
 The queue is bounded in images: a request that would overflow it is refused at once with a 503
 (`Overloaded`), and a request waits at most `timeout_s` for its features.
@@ -16,6 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +40,7 @@ class _Chunk:
     """At most `max_batch` images of one request, and where their features go."""
 
     images: np.ndarray
+    then: Callable[[np.ndarray], np.ndarray] | None = None
     done: threading.Event = field(default_factory=threading.Event)
     features: np.ndarray | None = None
     error: BaseException | None = None
@@ -59,14 +63,16 @@ class FeatureBatcher:
     def queued(self) -> int:
         return self._queued
 
-    def features(self, images: np.ndarray) -> np.ndarray:
-        """Backbone features of `images` (batch, size, size, 3), computed in shared passes.
+    def features(self, images: np.ndarray,
+                 then: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """Backbone features of `images` (batch, size, size, 3), computed in shared passes, with
+        `then` (e.g. a classifier's head) applied to them on the batching thread.
 
         Raises:
             Overloaded: the queue holds too many images already; retry shortly.
             ServiceUnavailable: the features did not come within `timeout_s`.
         """
-        chunks = [_Chunk(images[start:start + self.max_batch])
+        chunks = [_Chunk(images[start:start + self.max_batch], then)
                   for start in range(0, len(images), self.max_batch)]
         with self._cond:
             if self._queued + len(images) > self.max_queued:
@@ -125,8 +131,12 @@ class FeatureBatcher:
             self.batches += 1
             offset = 0
             for chunk in batch:
-                chunk.features = features[offset:offset + len(chunk.images)]
+                own = features[offset:offset + len(chunk.images)]
                 offset += len(chunk.images)
+                try:
+                    chunk.features = chunk.then(own) if chunk.then else own
+                except Exception as error:  # this request's head failed; the others go on
+                    chunk.error = error
                 chunk.done.set()
 
 

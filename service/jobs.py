@@ -169,7 +169,7 @@ def predict(services: Services, classifier_id: str, images: list[bytes],
     pixels = np.stack([_decode_for_prediction(data, index, size, services.settings.max_image_pixels)
                        for index, data in enumerate(images)])
     head = services.heads.get(record)
-    scores = apply_head(head, services.backbone.features(pixels))  # a shared, batched pass
+    scores = services.backbone.features(pixels, lambda features: apply_head(head, features))
     services.metrics.predictions(len(images))
     ranked = rank(scores, record.labels, min(top_k, len(record.labels)))
     return PredictionResponse(classifier_id=classifier_id, predictions=[

@@ -91,10 +91,11 @@ class BackboneHolder:
     def identity(self):
         return self.get().identity
 
-    def features(self, images):
-        """Backbone features for a request's images, through the shared batching queue."""
+    def features(self, images, then=None):
+        """Backbone features for a request's images through the shared batching queue, with
+        `then` applied to them on the batching thread."""
         self.get()
-        return self._batcher.features(images)
+        return self._batcher.features(images, then)
 
     @property
     def queued_images(self) -> int:

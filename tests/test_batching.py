@@ -112,3 +112,21 @@ def test_a_failed_pass_fails_its_requests_and_the_next_pass_works(backbone):
 
 def test_padding_keeps_few_shapes():
     assert [len(_pad(images(n), 32)) for n in (1, 2, 3, 5, 9, 17, 32)] == [1, 2, 4, 8, 16, 32, 32]
+
+
+def test_each_request_s_head_is_applied_to_its_own_features(backbone):
+    shared = batcher(backbone)
+    pixels = images(3)
+    doubled = shared.features(pixels, lambda features: features * 2)
+    np.testing.assert_allclose(doubled, backbone.features(pixels) * 2, rtol=1e-4, atol=1e-4)
+
+
+def test_a_failing_head_fails_only_its_request(backbone):
+    shared = batcher(backbone)
+
+    def broken(features):
+        raise ValueError("head does not fit")
+
+    with pytest.raises(ValueError, match="does not fit"):
+        shared.features(images(1), broken)
+    assert shared.features(images(1)).shape == (1, backbone.feature_dim)
