@@ -12,7 +12,9 @@ from pathlib import Path
 from flask import Blueprint, Flask, Response, current_app, g, json, request, send_from_directory
 
 from service import jobs
+from service.auth import load_api_keys, require_api_keys
 from service.errors import HeadstartError, register_error_handlers
+from service.limits import UploadLimiter
 from service.metrics import CONTENT_TYPE, Metrics
 from service.openapi import DOCS_HTML, build_document, documented
 from service.routes import api, json_response, services
@@ -107,6 +109,7 @@ def create_app(settings: Settings | None = None, *,
             exits the process there, so a server without weights refuses to start).
     """
     settings = settings or Settings()
+    api_keys = load_api_keys(settings)  # first: a bad key configuration stops start-up at once
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     Path(settings.weights_cache).mkdir(parents=True, exist_ok=True)
@@ -122,9 +125,11 @@ def create_app(settings: Settings | None = None, *,
     services_.runner = _runner(services_)
     metrics_.watch(store.list_records, services_.runner.depth, lambda: backbone.passes)
     app.extensions["headstart"] = services_
+    app.extensions["headstart.uploads"] = UploadLimiter(settings.max_concurrent_uploads)
 
     register_error_handlers(app)
     _instrument(app, metrics_)
+    require_api_keys(app, api_keys)
     app.register_blueprint(api)
     app.register_blueprint(ops)
     app.extensions["headstart.openapi"] = build_document(app, "Headstart", VERSION)

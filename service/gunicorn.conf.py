@@ -16,6 +16,8 @@ keepalive = 5
 # NB: no control socket: it lives in $HOME, which a read-only container does not have, and two
 # servers on one machine (make run-cluster) would share it.
 control_socket_disable = True
+# NB: the default access_log_format logs no request headers, so API keys (Authorization) never
+# reach the log; a custom format must not add %({authorization}i)s.
 accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("HEADSTART_LOG_LEVEL", "info")

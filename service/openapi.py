@@ -11,9 +11,14 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from service import schemas
+from service.auth import ADMIN, required_scope
 
 REF = "#/components/schemas/{model}"
 _PROBLEM = {"application/problem+json": {"schema": {"$ref": REF.format(model="Problem")}}}
+_BEARER = {"type": "http", "scheme": "bearer",
+           "description": "An API key, when the server has keys configured: "
+                          "`Authorization: Bearer <key>`. A predict key may list, get, read "
+                          "reports and predict; an admin key may do everything."}
 _STATUS_TEXT = {200: "OK", 202: "Accepted", 204: "No content", 400: "Bad request",
                 401: "Unauthorized", 403: "Forbidden", 404: "Not found", 409: "Conflict",
                 413: "Payload too large", 422: "Unprocessable content", 503: "Unavailable"}
@@ -47,7 +52,9 @@ def build_document(app, title: str, version: str) -> dict[str, Any]:
             continue
         path = rule.rule.replace("<", "{").replace(">", "}")
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
-            paths.setdefault(path, {})[method.lower()] = _operation(rule, view, meta, models)
+            operation = _operation(rule, view, meta, models)
+            _secure(operation, required_scope(method, rule.rule, rule.endpoint))
+            paths.setdefault(path, {})[method.lower()] = operation
     _, definitions = models_json_schema([(model, "serialization") for model in models],
                                         ref_template=REF)
     return {
@@ -56,8 +63,22 @@ def build_document(app, title: str, version: str) -> dict[str, Any]:
                  "description": "Custom image classifiers on a shared frozen VGG16 backbone. "
                                 "Every error is application/problem+json (RFC 9457)."},
         "paths": paths,
-        "components": {"schemas": definitions.get("$defs", {})},
+        "components": {"schemas": definitions.get("$defs", {}),
+                       "securitySchemes": {"bearer": _BEARER}},
     }
+
+
+def _secure(operation: dict[str, Any], scope: str | None) -> None:
+    """Marks an operation as needing an API key (when the server has keys configured)."""
+    if scope is None:
+        return
+    operation["security"] = [{"bearer": []}]
+    operation["responses"]["401"] = {"description": _STATUS_TEXT[401], "content": _PROBLEM}
+    if scope == ADMIN:
+        operation["responses"]["403"] = {"description": _STATUS_TEXT[403], "content": _PROBLEM}
+        operation["description"] = (operation.get("description", "") +
+                                    "\n\nNeeds an admin key.").strip()
+    operation["responses"] = dict(sorted(operation["responses"].items()))
 
 
 def _operation(rule, view, meta: dict, models: set) -> dict[str, Any]:

@@ -49,17 +49,23 @@ def parse(model: type[BaseModel], data, what: str):
         raise Unprocessable(f"invalid {what}: {summary}", errors=problems) from None
 
 
+def parse_json(raw: str | bytes, what: str):
+    """Parses JSON a client sent; anything the parser refuses is a 400."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise BadRequest(f"{what} is nested too deeply") from None
+    except ValueError as error:  # bad syntax or encoding, or an integer too long to convert
+        raise BadRequest(f"{what} is not valid JSON: {error}") from None
+
+
 def _options() -> TrainingOptions:
     raw = request.form.get("options")
     if raw is None and "options" in request.files:
         raw = request.files["options"].read().decode("utf-8", "replace")
     if raw is None or not raw.strip():
         return TrainingOptions()
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise BadRequest(f"options is not valid JSON: {error}") from None
-    return parse(TrainingOptions, data, "options")
+    return parse(TrainingOptions, parse_json(raw, "options"), "options")
 
 
 @api.post("/classifiers")
@@ -69,10 +75,12 @@ def create_classifier():
 
     Answers at once with the queued classifier; poll it until `status` is `ready`.
     """
-    upload = request.files.get("dataset")
-    if upload is None:
-        raise BadRequest("send the dataset zip as the multipart part 'dataset'")
-    classifier = jobs.create_classifier(services(), upload.stream, _options())
+    # NB: the slot is taken before the body is read: receiving it is part of the work bounded.
+    with current_app.extensions["headstart.uploads"].slot():
+        upload = request.files.get("dataset")
+        if upload is None:
+            raise BadRequest("send the dataset zip as the multipart part 'dataset'")
+        classifier = jobs.create_classifier(services(), upload.stream, _options())
     location = url_for("v1.get_classifier", classifier_id=classifier.id)
     return json_response(classifier, 202, Location=location)
 
@@ -109,10 +117,7 @@ def predict(classifier_id: str):
     """
     query = parse(PredictQuery, request.args.to_dict(), "query")
     if request.is_json:
-        data = request.get_json(silent=True)
-        if data is None:
-            raise BadRequest("the body is not valid JSON")
-        body = parse(PredictRequest, data, "body")
+        body = parse(PredictRequest, parse_json(request.get_data(), "the body"), "body")
         images = jobs.decode_base64_images([instance.b64 for instance in body.instances])
     else:
         images = [part.read() for part in request.files.getlist("image")]

@@ -64,3 +64,20 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("HEADSTART_STORE must not be empty")
         return value
+
+    # Security: who may call the API, and how much work one process takes on at once.
+    api_keys: SecretStr | None = Field(
+        None, description="Comma-separated key:scope entries, scope admin or predict; blank or "
+                          "unset (with api_keys_file unset too) leaves the API open")
+    api_keys_file: Path | None = Field(
+        None, description="A file of key:scope entries, by commas or lines (# comments), e.g. a "
+                          "mounted Kubernetes secret; adds to api_keys")
+    max_concurrent_uploads: int = Field(
+        4, gt=0, description="Dataset uploads processed at once per process; more get 503 "
+                             "with Retry-After")
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _blank_file_is_unset(cls, value):
+        # NB: a chart that renders HEADSTART_API_KEYS_FILE="" means "no file", not the cwd.
+        return None if isinstance(value, str) and not value.strip() else value

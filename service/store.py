@@ -32,7 +32,7 @@ from service.errors import NotFound, ServiceUnavailable
 from service.schemas import ClassifierRecord, Report
 from service.settings import Settings
 
-_ID_PATTERN = re.compile(r"^clf_[0-9a-z]{20}$")
+_ID_PATTERN = re.compile(r"clf_[0-9a-z]{20}")  # NB: fullmatch; "$" would let "\n" through
 
 
 class StoreUnavailable(ServiceUnavailable):
@@ -166,7 +166,7 @@ class ClassifierStore:
 
     @staticmethod
     def _key(classifier_id: str, name: str) -> str:
-        if not _ID_PATTERN.match(classifier_id):
+        if not _ID_PATTERN.fullmatch(classifier_id):
             raise NotFound(f"no classifier {classifier_id!r}")
         return f"classifiers/{classifier_id}/{name}"
 
@@ -198,7 +198,7 @@ class ClassifierStore:
         records = []
         for key in self.blobs.list("classifiers"):
             parts = key.split("/")
-            if len(parts) == 3 and parts[2] == "record.json" and _ID_PATTERN.match(parts[1]):
+            if len(parts) == 3 and parts[2] == "record.json" and _ID_PATTERN.fullmatch(parts[1]):
                 try:
                     records.append(self.load_record(parts[1]))
                 except NotFound:  # deleted while listing

@@ -563,3 +563,14 @@ def test_corrupted_archives_give_only_user_errors(data, upload):
         corrupted = corrupted[:cut]
 
     check_outcome(io.BytesIO(bytes(corrupted)), DatasetLimits())
+
+
+ZIP_LIKE_PREFIXES = [b"", b"PK\x03\x04", b"PK\x05\x06", b"PK\x01\x02", b"\x1f\x8b"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(prefix=st.sampled_from(ZIP_LIKE_PREFIXES), rest=st.binary(max_size=512))
+def test_arbitrary_bytes_give_only_user_errors_and_write_nothing(empty_dir, prefix, rest):
+    with contextlib.chdir(empty_dir):
+        check_outcome(io.BytesIO(prefix + rest), DatasetLimits())
+    assert os.listdir(empty_dir) == []

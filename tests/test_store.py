@@ -11,10 +11,11 @@ import uuid
 
 import pytest
 
+from service.errors import NotFound
 from service.localservers import RcloneS3Server, free_port, rclone_program
 from service.s3 import S3BlobStore, open_s3_blob_store, parse_s3_location, s3_client
 from service.settings import Settings
-from service.store import LocalBlobStore, StoreUnavailable
+from service.store import ClassifierStore, LocalBlobStore, StoreUnavailable
 
 BUCKET = "headstart"
 ACCESS_KEY, SECRET_KEY = "headstart-test", "headstart-test-secret"
@@ -275,3 +276,10 @@ def test_a_server_that_goes_away_is_store_unavailable_until_it_returns(tmp_path)
     finally:
         server.stop()
         client.close()
+
+
+def test_an_id_with_a_trailing_newline_is_no_classifier_id(tmp_path):
+    store = ClassifierStore(LocalBlobStore(tmp_path / "store"))
+    with pytest.raises(NotFound):
+        store.delete("clf_" + "a" * 20 + "\n")
+    assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
