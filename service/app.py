@@ -123,7 +123,8 @@ def create_app(settings: Settings | None = None, *,
     services_.heads = HeadCache(lambda record: _load_head(services_, record),
                                 capacity=settings.head_cache_size)
     services_.runner = _runner(services_)
-    metrics_.watch(store.list_records, services_.runner.depth, lambda: backbone.passes)
+    metrics_.watch(store.list_records, services_.runner.depth, lambda: backbone.passes,
+                   lambda: backbone.queued_images)
     app.extensions["headstart"] = services_
     app.extensions["headstart.uploads"] = UploadLimiter(settings.max_concurrent_uploads)
 

@@ -360,7 +360,8 @@ class _TrainingRun:
         store, record = self.services.store, self.record
         store.save_head(record.id, self.run_id, serialize_weights(result.head))
         report = Report(classifier_id=record.id, options=record.options, backbone=record.backbone,
-                        device=device_name(), **result.report)
+                        device=device_name(), precision=self.services.backbone.get().precision,
+                        **result.report)
         store.save_report(self.run_id, report)
 
         def ready(record: ClassifierRecord) -> None:

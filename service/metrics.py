@@ -56,19 +56,22 @@ class Metrics:
         self.job_transitions.labels(state).inc()
 
     def watch(self, records: Callable[[], list[ClassifierRecord]],
-              queue_depth: Callable[[], int | None], backbone_passes: Callable[[], int]) -> None:
+              queue_depth: Callable[[], int | None], backbone_passes: Callable[[], int],
+              predict_queued: Callable[[], int]) -> None:
         """Adds metrics read at scrape time from the store, the queue and the backbone."""
-        self.registry.register(_LiveCollector(records, queue_depth, backbone_passes))
+        self.registry.register(_LiveCollector(records, queue_depth, backbone_passes,
+                                              predict_queued))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _LiveCollector:
-    def __init__(self, records, queue_depth, backbone_passes):
+    def __init__(self, records, queue_depth, backbone_passes, predict_queued):
         self._records = records
         self._queue_depth = queue_depth
         self._backbone_passes = backbone_passes
+        self._predict_queued = predict_queued
         self._snapshot: tuple[float, list[ClassifierRecord]] = (float("-inf"), [])
         self._lock = threading.Lock()
 
@@ -111,6 +114,10 @@ class _LiveCollector:
                                      "Images sent through the backbone by this process")
         passes.add_metric([], self._backbone_passes())
         yield passes
+        waiting = GaugeMetricFamily("headstart_predict_queued_images",
+                                    "Images waiting for a shared backbone pass in this process")
+        waiting.add_metric([], self._predict_queued())
+        yield waiting
 
 
 def _job_seconds(durations) -> HistogramMetricFamily:

@@ -231,6 +231,7 @@ class Report(BaseModel):
     timings_s: dict[str, float]
     backbone: BackboneOut
     device: str = Field(description="Where the head was trained and features extracted")
+    precision: str = Field("float32", description="The backbone's compute precision in training")
 
 
 # ---------------------------------------------------------------- operations

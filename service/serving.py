@@ -21,7 +21,7 @@ def load_configured_backbone(settings: Settings):
     from service.weights_source import local_weights
 
     return load_backbone(local_weights(settings), settings.image_size,
-                         cache_dir=settings.weights_cache)
+                         cache_dir=settings.weights_cache, precision=settings.precision)
 
 
 def batching_options(settings: Settings) -> dict:

