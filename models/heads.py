@@ -37,12 +37,16 @@ class HeadSpec:
         return asdict(self)
 
 
-#: Candidates tried when the head is "auto": linear heads over two orders of magnitude of L2
-#: (the right strength differs that much between data sets) and one small hidden layer.
+#: Candidates tried when the head is "auto", chosen by validation loss: linear heads over more
+#: than two orders of magnitude of L2 (the right strength differs that much between data sets)
+#: and one small hidden layer. On cached features (views 4), the strong end won validation on
+#: both benchmark sets: L2 0.1 took hymenoptera from 0.935 (the hidden layer) to 0.948 test
+#: accuracy and flowers5 from 0.638 (L2 0.01) to 0.648; weaker than 1e-3 never differed.
 AUTO_CANDIDATES = (
-    HeadSpec(hidden_units=0, dropout=0.2, l2=1e-4),
     HeadSpec(hidden_units=0, dropout=0.2, l2=1e-3),
     HeadSpec(hidden_units=0, dropout=0.2, l2=1e-2),
+    HeadSpec(hidden_units=0, dropout=0.2, l2=1e-1),
+    HeadSpec(hidden_units=0, dropout=0.2, l2=3e-1),
     HeadSpec(hidden_units=256, dropout=0.5, l2=1e-3),
 )
 
