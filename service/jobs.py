@@ -323,6 +323,11 @@ class _TrainingRun:
         self._last_stage = record.progress.stage
 
     def stopped(self) -> bool:
+        """Polled by the training loop between batches and epochs."""
+        limit = self.services.settings.job_time_limit_s
+        if time.monotonic() - self._started > limit:  # fails the job, with this reason
+            raise TimeoutError(f"training ran longer than the limit of {limit:g} s "
+                               "(HEADSTART_JOB_TIME_LIMIT_S)")
         if self.stop_reason is None and self._should_stop():
             self.stop_reason = "cancelled"
         return self.stop_reason is not None
@@ -422,7 +427,7 @@ class _TrainingRun:
 
 
 def _failure_detail(error: Exception) -> str:
-    if isinstance(error, (ValueError, ImageDecodeError)):
+    if isinstance(error, (ValueError, ImageDecodeError, TimeoutError)):
         return str(error)
     return f"{type(error).__name__}: {error}"
 

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
 
     head_cache_size: int = Field(256, gt=0, description="Heads kept in memory per process")
     max_attempts: int = Field(2, ge=1, description="Runs of a training job before it is marked failed")
+    job_time_limit_s: float = Field(
+        6 * 3600, gt=0, description="A training run longer than this fails with that reason")
 
     @field_validator("store")
     @classmethod

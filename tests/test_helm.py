@@ -247,6 +247,22 @@ def test_settings_reach_the_pods_through_the_config_map(helm):
     assert config_data(weights)["HEADSTART_BACKBONE_WEIGHTS"] == "s3://models/vgg16.h5"
 
 
+@pytest.mark.parametrize("values", CI_VALUES)
+def test_every_variable_the_chart_sets_is_one_the_service_reads(helm, values):
+    """Chart and application cannot drift apart: a renamed setting fails here."""
+    from service.settings import Settings
+
+    read_by_gunicorn = {"HEADSTART_WEB_THREADS", "HEADSTART_WEB_WORKERS", "HEADSTART_LOG_LEVEL"}
+    known = {f"HEADSTART_{name.upper()}" for name in Settings.model_fields} | read_by_gunicorn
+    docs = render(helm, values)
+    names = set(config_data(docs)) | set(secret_data(docs))
+    for component in ("api", "worker"):
+        (container,) = pod_spec(docs, component)["containers"]
+        names |= set(env_of(container))
+    assert {name for name in names if name.startswith("HEADSTART_")} - known == set()
+    assert "HEADSTART_JOB_TIME_LIMIT_S" in config_data(docs)
+
+
 def test_api_keys_are_kept_in_the_secret_as_key_scope_pairs(helm):
     docs = render(helm, "default-values.yaml", set=(
         f"apiKeys[0].key={ADMIN_KEY}", "apiKeys[0].scope=admin",

@@ -184,3 +184,13 @@ def test_a_job_taken_over_stops_without_committing(services, monkeypatch):
     record = services.store.load_record(classifier_id)
     assert record.status == "queued" and time.monotonic() - started < 30
     assert files(services, classifier_id, "heads") == []
+
+
+def test_a_run_over_the_time_limit_fails_with_the_reason(services):
+    services.settings = services.settings.model_copy(update={"job_time_limit_s": 0.001})
+    classifier_id = create(services)
+    with pytest.raises(TimeoutError):
+        jobs.run_training_job(services, classifier_id)
+    record = services.store.load_record(classifier_id)
+    assert record.status == "failed" and "HEADSTART_JOB_TIME_LIMIT_S" in record.error.detail
+    assert record.lease is None
