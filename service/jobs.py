@@ -224,16 +224,15 @@ def run_training_job(services: Services, classifier_id: str,
     run = _TrainingRun(services, record, should_stop)
     with run.heartbeat():
         try:
-            result = _train(services, run)
+            run.commit(_train(services, run))
         except training.Cancelled:
             log.info("job %s: stopped: %s", classifier_id, run.stop_reason or "cancelled")
             services.metrics.job_event("cancelled")
             return
-        except Exception as error:
+        except Exception as error:  # a failed commit too: never left training
             run.fail("Training failed", _failure_detail(error))
             services.metrics.job_event("failed")
             raise
-        run.commit(result)
     if run.stop_reason:
         log.info("job %s: result discarded: %s", classifier_id, run.stop_reason)
         return

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 _START_TIMEOUT_S = 15
@@ -55,7 +56,7 @@ def redis_server_program() -> str:
     return _find_program("redis-server", "install Redis (apt-get install redis-server)")
 
 
-class LocalServer:
+class LocalServer(ABC):
     """A child process listening on 127.0.0.1:`port`, its output appended to `log_path`
     (default: `{name}-{port}.log` beside `data_dir`)."""
 
@@ -68,8 +69,9 @@ class LocalServer:
         self.log_path = Path(log_path or self.data_dir.parent / f"{self.name}-{port}.log")
         self._process: subprocess.Popen | None = None
 
+    @abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The program and its arguments."""
 
     @property
     def pid(self) -> int | None:

@@ -194,3 +194,18 @@ def test_a_run_over_the_time_limit_fails_with_the_reason(services):
     record = services.store.load_record(classifier_id)
     assert record.status == "failed" and "HEADSTART_JOB_TIME_LIMIT_S" in record.error.detail
     assert record.lease is None
+
+
+def test_a_failed_commit_fails_the_job_instead_of_leaving_it_training(services, monkeypatch):
+    from service.store import StoreUnavailable
+
+    classifier_id = create(services)
+
+    def disk_full(*args):
+        raise StoreUnavailable("cannot write to the store: No space left on device")
+
+    monkeypatch.setattr(services.store, "save_head", disk_full)
+    with pytest.raises(StoreUnavailable):
+        jobs.run_training_job(services, classifier_id)
+    record = services.store.load_record(classifier_id)
+    assert record.status == "failed" and "No space left" in record.error.detail
