@@ -21,14 +21,14 @@ $(STAMP): pyproject.toml
 
 ## Serve on 0.0.0.0:$(PORT); every HEADSTART_* variable applies (see README).
 run: install
-	$(BIN)/python -m service.weights_source
+	$(BIN)/python -m service.weights
 	PORT=$(PORT) exec $(BIN)/gunicorn -c service/gunicorn.conf.py service.wsgi:app
 
 ## The distributed topology on one machine: Redis, rclone serve s3 on a fresh folder under
 ## var/cluster, APIs on $(PORT) and $(PORT)+1, two training workers. Ctrl-C stops them all.
 run-cluster: install
-	$(BIN)/python -m service.weights_source
-	PORT=$(PORT) exec $(BIN)/python -m service.cluster
+	$(BIN)/python -m service.weights
+	PORT=$(PORT) exec $(BIN)/python -m tools.cluster
 
 ## The test suite (fast: random weights, 32 px; real-weight tests skip without ../shared).
 test: install

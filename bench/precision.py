@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -33,8 +31,7 @@ def train_and_test(data, weights: str, size: int, precision: str, served) -> dic
     from models.prediction import class_scores
     from models.training import TrainingConfig, train_classifier
 
-    with tempfile.TemporaryDirectory() as cache:
-        backbone = load_backbone(weights, size, cache_dir=Path(cache), precision=precision)
+    backbone = load_backbone(weights, size, precision=precision)
     backbone.warm_up()
     started = time.perf_counter()
     result = train_classifier(data.train_bytes, data.train_labels, data.label_names, backbone,
@@ -66,8 +63,7 @@ def main(argv=None) -> None:
     precisions = ["float32", "mixed_bfloat16"]
     if tf.config.list_physical_devices("GPU"):
         precisions.append("mixed_float16")
-    with tempfile.TemporaryDirectory() as cache:
-        served = load_backbone(weights, size, cache_dir=Path(cache))  # the API's float32 backbone
+    served = load_backbone(weights, size)  # the API's float32 backbone
     runs = []
     for precision in precisions:
         runs.append(train_and_test(data, weights, size, precision, served))

@@ -23,7 +23,6 @@ import argparse
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -38,7 +37,7 @@ CLASSIFIERS = 8
 def load_raw_backbone(weights: str, size: int, batch: int):
     from models.backbone import load_backbone
 
-    backbone = load_backbone(weights, size, cache_dir=Path.home() / ".cache" / "headstart")
+    backbone = load_backbone(weights, size)
     backbone.warm_up((1, batch))
     return backbone
 

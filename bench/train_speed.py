@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -261,7 +260,7 @@ def main(argv=None) -> None:
     from models.backbone import load_backbone
 
     all_rows = []
-    with tempfile.TemporaryDirectory(prefix="headstart-bench-") as cache:
+    with tempfile.TemporaryDirectory(prefix="headstart-bench-"):
         for name in common.dataset_names(args.datasets):
             split = common.load_split(name, shared, args.limit_per_label)
             size = args.image_size or split.image_size
@@ -269,7 +268,7 @@ def main(argv=None) -> None:
             print(f"{split.description}: {len(data.train_bytes)} train, {len(data.test_bytes)} "
                   f"test images, {size} px" + (f"; skipped {data.skipped}" if data.skipped else ""),
                   file=sys.stderr)
-            backbone = load_backbone(weights, size, cache_dir=Path(cache))
+            backbone = load_backbone(weights, size)
             backbone.warm_up()
             headstart = run_headstart(data, backbone)
             print(f"  headstart: {headstart.wall_s:.1f} s, test accuracy "

@@ -11,7 +11,8 @@ import logging
 import sys
 import tempfile
 
-from models.weights import export_weights, resolve_imagenet
+from models.weights import export_weights
+from service.weights import resolve_imagenet
 
 
 def main(target: str) -> int:

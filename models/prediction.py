@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import keras
 
-from models.backbone import Backbone
+if TYPE_CHECKING:  # NB: no TensorFlow at import: the API process imports this before it forks
+    import keras
+
+    from models.backbone import Backbone
 
 
 def class_scores(backbone: Backbone, head: keras.Model, images: np.ndarray) -> np.ndarray:

@@ -43,6 +43,7 @@ class TrainingConfig:
     augmentation: Augmentation = Augmentation()
     heads: tuple[heads_lib.HeadSpec, ...] = heads_lib.AUTO_CANDIDATES
     extract_batch_size: int = 32
+    max_image_pixels: int = 40_000_000  # decompression bombs: the upload limit applies here too
 
     def __post_init__(self):
         if not 0 < self.validation_split < 1:
@@ -117,7 +118,8 @@ def extract_features(images: Sequence[bytes], backbone: Backbone, *, views: int,
                      augmentation: Augmentation, rng: np.random.Generator, batch_size: int,
                      on_batch: Callable[[int], None] = lambda done: None,
                      should_stop: StopCheck = lambda: False,
-                     timings: dict | None = None) -> np.ndarray:
+                     timings: dict | None = None,
+                     max_pixels: int = 40_000_000) -> np.ndarray:
     """Runs the backbone once per (image, view), decoding the next batch while it runs.
 
     Args:
@@ -134,7 +136,7 @@ def extract_features(images: Sequence[bytes], backbone: Backbone, *, views: int,
 
     def decode(batch: Sequence[bytes]) -> np.ndarray:
         start = time.perf_counter()
-        array = np.stack([load_image(data, size) for data in batch])
+        array = np.stack([load_image(data, size, max_pixels=max_pixels) for data in batch])
         timings["decode"] += time.perf_counter() - start
         return array
 
@@ -334,12 +336,12 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
     train_features = extract_features(
         [images[i] for i in train_idx], backbone, views=views, augmentation=config.augmentation,
         rng=rng, batch_size=config.extract_batch_size, on_batch=extraction_progress(0),
-        should_stop=should_stop, timings=timings)
+        should_stop=should_stop, timings=timings, max_pixels=config.max_image_pixels)
     val_features = extract_features(
         [images[i] for i in val_idx], backbone, views=0, augmentation=config.augmentation,
         rng=rng, batch_size=config.extract_batch_size,
         on_batch=extraction_progress(len(train_idx)), should_stop=should_stop,
-        timings=timings)[:, 0]
+        timings=timings, max_pixels=config.max_image_pixels)[:, 0]
 
     x_train = train_features.reshape(-1, train_features.shape[-1])
     y_train = np.repeat(labels[train_idx], 1 + views)

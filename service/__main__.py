@@ -24,11 +24,11 @@ def main(argv: list[str]) -> int:
         os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", "-c", str(config),
                                    "service.wsgi:app", *rest])
     if command == "worker":
-        from service.worker import main as worker
+        from service.workers.worker import main as worker
 
         return worker(rest)
     if command == "weights":
-        from service.weights_source import main as weights
+        from service.weights import main as weights
 
         return weights()
     print(f"unknown command {command!r}; one of:\n{USAGE}", file=sys.stderr)

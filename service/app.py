@@ -1,4 +1,9 @@
-"""The application factory: the composition root where settings meet concrete parts."""
+"""The application factory: the composition root where settings meet concrete parts.
+
+It is the only place that builds concrete things (the store, the runner, the backbone holder).
+Importing it imports no TensorFlow: the backbone loads on a thread after gunicorn forks, and the
+training code is imported by the training thread when it first runs a job.
+"""
 
 from __future__ import annotations
 
@@ -9,94 +14,26 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flask import Blueprint, Flask, Response, current_app, g, json, request, send_from_directory
+from flask import Flask, g, request
 
-from service import jobs
-from service.auth import load_api_keys, require_api_keys
-from service.errors import HeadstartError, register_error_handlers
-from service.limits import UploadLimiter
-from service.metrics import CONTENT_TYPE, Metrics
-from service.openapi import DOCS_HTML, build_document, documented
-from service.routes import api, json_response, services
-from service.runner import ThreadRunner
-from service.schemas import BackboneOut, Health, Readiness, Startup
-from service.serving import (BackboneHolder, HeadCache, batching_options,
-                             load_configured_backbone)
-from service.settings import Settings
-from service.store import open_store
+from service.api.auth import load_api_keys, require_api_keys
+from service.api.limits import UploadLimiter
+from service.api.openapi import build_document
+from service.api.ops import ops
+from service.api.problems import register_error_handlers
+from service.api.routes import api
+from service.config import Settings
+from service.errors import HeadstartError
+from service.jobs import recovery
+from service.jobs.services import Services
+from service.metrics import Metrics
+from service.serving.backbone import BackboneHolder, batching_options, load_configured_backbone
+from service.serving.heads import HeadCache
+from service.storage.blobs import LocalBlobStore
+from service.storage.classifiers import ClassifierStore
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
-
-ops = Blueprint("ops", __name__)
-
-
-@ops.get("/healthz")
-@documented(responses={200: Health})
-def healthz():
-    """Liveness: the process answers."""
-    return json_response(Health(status="ok"))
-
-
-@ops.get("/startupz")
-@documented(responses={200: Startup, 503: Startup})
-def startupz():
-    """Startup: the backbone is loaded and warmed up (Kubernetes' startupProbe). Unlike
-    /readyz it ignores the store and the broker, so an outage elsewhere never restarts pods."""
-    s = services()
-    if s.backbone.ready:
-        return json_response(Startup(status="ok"))
-    return json_response(Startup(status=f"failed: {s.backbone.error}" if s.backbone.error
-                                 else "loading"), 503)
-
-
-@ops.get("/readyz")
-@documented(responses={200: Readiness, 503: Readiness})
-def readyz():
-    """Readiness: backbone loaded and warmed up, store and queue reachable."""
-    s = services()
-    checks = {}
-    checks["backbone"] = "ok" if s.backbone.ready else (
-        f"failed: {s.backbone.error}" if s.backbone.error else "loading")
-    for name, probe in (("store", s.store.ping), ("queue", s.runner.ping)):
-        try:
-            probe()
-            checks[name] = "ok"
-        except HeadstartError as error:
-            checks[name] = error.detail
-    ready = all(value == "ok" for value in checks.values())
-    identity = BackboneOut(**s.backbone.identity().as_dict()) if s.backbone.ready else None
-    body = Readiness(ready=ready, checks=checks, backbone=identity)
-    return json_response(body, 200 if ready else 503)
-
-
-@ops.get("/metrics")
-@documented(responses={200: CONTENT_TYPE})
-def metrics():
-    """Prometheus metrics."""
-    return Response(services().metrics.render(), mimetype=CONTENT_TYPE.split(";")[0])
-
-
-@ops.get("/openapi.json")
-@documented(responses={200: "application/json"})
-def openapi_document():
-    """This document: OpenAPI 3 generated from the pydantic models."""
-    document = current_app.extensions["headstart.openapi"]
-    return Response(json.dumps(document), mimetype="application/json")
-
-
-@ops.get("/docs")
-def docs():
-    """Interactive API documentation."""
-    return Response(DOCS_HTML.format(static="/docs/static", spec="/openapi.json"),
-                    mimetype="text/html")
-
-
-@ops.get("/docs/static/<path:filename>")
-def docs_static(filename: str):
-    from swagger_ui_bundle import swagger_ui_path
-
-    return send_from_directory(swagger_ui_path, filename)
 
 
 def create_app(settings: Settings | None = None, *,
@@ -115,21 +52,20 @@ def create_app(settings: Settings | None = None, *,
     Path(settings.weights_cache).mkdir(parents=True, exist_ok=True)
 
     store = open_store(settings)
-    metrics_ = Metrics()
     backbone = BackboneHolder(lambda: load_configured_backbone(settings),
                               on_error=on_backbone_error, batching=batching_options(settings))
-    services_ = jobs.Services(settings=settings, store=store, backbone=backbone,
-                              heads=None, runner=None, metrics=metrics_)
-    services_.heads = HeadCache(lambda record: _load_head(services_, record),
-                                capacity=settings.head_cache_size)
-    services_.runner = _runner(services_)
-    metrics_.watch(store.list_records, services_.runner.depth, lambda: backbone.passes,
-                   lambda: backbone.queued_images)
-    app.extensions["headstart"] = services_
+    heads = HeadCache(lambda record: _load_head(store, backbone, record),
+                      capacity=settings.head_cache_size)
+    services = Services(settings=settings, store=store, backbone=backbone, heads=heads,
+                        runner=open_runner(settings), metrics=Metrics())
+    services.metrics.watch(store, services.runner.depth, lambda: backbone.passes,
+                           lambda: backbone.queued_images,
+                           full_scan_s=settings.metrics_store_scan_s)
+    app.extensions["headstart"] = services
     app.extensions["headstart.uploads"] = UploadLimiter(settings.max_concurrent_uploads)
 
     register_error_handlers(app)
-    _instrument(app, metrics_)
+    _instrument(app, services.metrics)
     require_api_keys(app, api_keys)
     app.register_blueprint(api)
     app.register_blueprint(ops)
@@ -137,32 +73,56 @@ def create_app(settings: Settings | None = None, *,
 
     backbone.start()
     if settings.queue == "local":
-        jobs.recover_jobs(services_)
-    else:
-        _sweep_lost_jobs(services_)
+        recovery.recover_jobs(services)
+        services.runner.start(lambda classifier_id, should_stop: _train(
+            services, classifier_id, should_stop))
+    _start_sweeper(services)
     return app
 
 
-def _runner(services_: jobs.Services):
-    if services_.settings.queue == "local":
-        return ThreadRunner(lambda classifier_id, should_stop: jobs.run_training_job(
-            services_, classifier_id, should_stop))
-    from service.broker import CeleryRunner  # Celery is imported only when a broker is used
+def open_store(settings: Settings) -> ClassifierStore:
+    """The store `HEADSTART_STORE` names: a local directory, or `s3://bucket/prefix` (checked
+    once for conditional writes, which the job protocol needs)."""
+    if settings.store.startswith("s3://"):
+        from service.storage.s3 import open_s3_blob_store  # boto3 only when S3 is used
 
-    return CeleryRunner(services_.settings)
+        blobs = open_s3_blob_store(settings.store, settings)
+        if settings.s3_check_conditional_writes:
+            blobs.check_conditional_writes()
+        return ClassifierStore(blobs)
+    return ClassifierStore(LocalBlobStore(settings.store))
 
 
-def _sweep_lost_jobs(services_: jobs.Services) -> None:
-    """Every few seconds, re-queue the jobs of workers that died. Each API replica sweeps; a
-    job re-queued twice is delivered twice, and the second delivery finds it taken."""
-    interval = services_.settings.lease_seconds / 3
+def open_runner(settings: Settings):
+    """The in-process thread for `HEADSTART_QUEUE=local`, else Celery over the broker."""
+    if settings.queue == "local":
+        from service.workers.thread import ThreadRunner
+
+        return ThreadRunner()
+    from service.workers.broker import CeleryRunner  # Celery only when a broker is used
+
+    return CeleryRunner(settings)
+
+
+def _train(services: Services, classifier_id: str, should_stop: Callable[[], bool]) -> None:
+    # NB: imported on the training thread, after fork: it loads TensorFlow.
+    from service.jobs.training import run_training_job
+
+    run_training_job(services, classifier_id, should_stop)
+
+
+def _start_sweeper(services: Services) -> None:
+    """Every few seconds, re-queue the jobs of workers that died and re-publish jobs whose queue
+    message was lost. Each API replica sweeps; every change is a compare-and-set, so two
+    replicas sweeping at once change a job once."""
+    interval = services.settings.lease_seconds / 3
     jitter = random.Random()  # NB: not the global generator, which seeded code may share
 
     def sweep() -> None:
         while True:
             time.sleep(interval * jitter.uniform(0.8, 1.2))
             try:
-                jobs.requeue_lost_jobs(services_)
+                recovery.sweep(services)
             except HeadstartError as error:
                 log.warning("lost-job sweep skipped: %s", error.detail)
             except Exception:  # the sweeper must outlive any one failure
@@ -171,16 +131,14 @@ def _sweep_lost_jobs(services_: jobs.Services) -> None:
     threading.Thread(target=sweep, name="lost-job-sweeper", daemon=True).start()
 
 
-def _load_head(services_: jobs.Services, record):
-    from models.heads import HeadSpec, load_head
+def _load_head(store: ClassifierStore, backbone: BackboneHolder, record):
+    from models.heads import HeadSpec, load_head  # NB: Keras, after fork
 
-    backbone = services_.backbone.get()
     spec = HeadSpec(**record.head.model_dump())
-    return load_head(spec, backbone.feature_dim, len(record.labels),
-                     services_.store.load_head(record))
+    return load_head(spec, backbone.get().feature_dim, len(record.labels), store.load_head(record))
 
 
-def _instrument(app: Flask, metrics_: Metrics) -> None:
+def _instrument(app: Flask, metrics: Metrics) -> None:
     @app.before_request
     def start_timer():
         g.started = time.perf_counter()
@@ -188,6 +146,6 @@ def _instrument(app: Flask, metrics_: Metrics) -> None:
     @app.after_request
     def observe(response):
         route = request.url_rule.rule if request.url_rule else "unmatched"
-        metrics_.observe_request(request.method, route, response.status_code,
-                                 time.perf_counter() - g.get("started", time.perf_counter()))
+        metrics.observe_request(request.method, route, response.status_code,
+                                time.perf_counter() - g.get("started", time.perf_counter()))
         return response

@@ -1,7 +1,8 @@
 """Prometheus metrics, on a registry of the app's own (so several apps can live in one process).
 
 Counters of what this process did, plus gauges read from the store (the truth shared by every
-replica and worker) and from the broker at scrape time.
+replica and worker) and from the broker at scrape time. A scrape reads only the jobs in flight
+(the store's `active/` index); the whole store is read at most every `full_scan_s`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily)
 
 from service.errors import HeadstartError
-from service.schemas import ClassifierRecord
+from service.storage.records import ACTIVE_STATUSES, ClassifierRecord
 
 log = logging.getLogger(__name__)
 
-#: Scrapes within this many seconds share one read of the store.
+#: Scrapes within this many seconds share one read of the jobs in flight.
 STORE_SNAPSHOT_S = 10.0
 JOB_SECONDS_BUCKETS = (10, 30, 60, 120, 300, 600, 1200, 3600, 7200, 21600)
 
@@ -55,40 +56,57 @@ class Metrics:
     def job_event(self, state: str) -> None:
         self.job_transitions.labels(state).inc()
 
-    def watch(self, records: Callable[[], list[ClassifierRecord]],
-              queue_depth: Callable[[], int | None], backbone_passes: Callable[[], int],
-              predict_queued: Callable[[], int]) -> None:
+    def watch(self, store, queue_depth: Callable[[], int | None],
+              backbone_passes: Callable[[], int], predict_queued: Callable[[], int], *,
+              full_scan_s: float = 300.0) -> None:
         """Adds metrics read at scrape time from the store, the queue and the backbone."""
-        self.registry.register(_LiveCollector(records, queue_depth, backbone_passes,
-                                              predict_queued))
+        self.registry.register(_LiveCollector(store, queue_depth, backbone_passes,
+                                              predict_queued, full_scan_s))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _LiveCollector:
-    def __init__(self, records, queue_depth, backbone_passes, predict_queued):
-        self._records = records
+    def __init__(self, store, queue_depth, backbone_passes, predict_queued, full_scan_s):
+        self._store = store
         self._queue_depth = queue_depth
         self._backbone_passes = backbone_passes
         self._predict_queued = predict_queued
-        self._snapshot: tuple[float, list[ClassifierRecord]] = (float("-inf"), [])
+        self._every = {"active": STORE_SNAPSHOT_S, "all": full_scan_s}
+        self._snapshots: dict[str, tuple[float, list[ClassifierRecord]]] = {
+            "active": (float("-inf"), []), "all": (float("-inf"), [])}
         self._lock = threading.Lock()
 
     def describe(self):
         return []
 
-    def _read_store(self) -> list[ClassifierRecord]:
+    def _read(self, which: str) -> list[ClassifierRecord]:
         with self._lock:
-            taken, records = self._snapshot
-            if time.monotonic() - taken > STORE_SNAPSHOT_S:
+            taken, records = self._snapshots[which]
+            if time.monotonic() - taken > self._every[which]:
                 try:
-                    records = self._records()
+                    records = self._store.list_records() if which == "all" else \
+                        [r for r in map(self._load, self._store.active_ids()) if r]
                 except HeadstartError as error:  # keep serving metrics; /readyz says why
                     log.warning("metrics: cannot read the store: %s", error.detail)
                     return records
-                self._snapshot = (time.monotonic(), records)
+                self._snapshots[which] = (time.monotonic(), records)
             return records
+
+    def _load(self, classifier_id: str) -> ClassifierRecord | None:
+        try:
+            return self._store.load_record(classifier_id)
+        except HeadstartError:
+            return None
+
+    def _read_store(self) -> list[ClassifierRecord]:
+        """Finished classifiers from the last full scan, jobs in flight from the index."""
+        active = {record.id: record for record in self._read("active")
+                  if record.status in ACTIVE_STATUSES}
+        finished = [record for record in self._read("all")
+                    if record.status not in ACTIVE_STATUSES and record.id not in active]
+        return [*active.values(), *finished]
 
     def collect(self):
         records = self._read_store()

@@ -8,7 +8,7 @@ import logging
 import os
 
 from service.app import create_app
-from service.settings import Settings
+from service.config import Settings
 
 # gunicorn's WORKER_BOOT_ERROR: the arbiter halts instead of respawning a worker that cannot work.
 WORKER_BOOT_ERROR = 3

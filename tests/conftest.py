@@ -14,4 +14,4 @@ def backbone():
     """A randomly initialised VGG16 at 32 px: real code, tiny cost."""
     from models.backbone import load_backbone
 
-    return load_backbone("random", TEST_IMAGE_SIZE, cache_dir=Path("/nonexistent"), seed=0)
+    return load_backbone("random", TEST_IMAGE_SIZE, seed=0)

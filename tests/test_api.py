@@ -10,7 +10,7 @@ import pytest
 
 from models.backbone import FEATURE_DIM
 from service.app import create_app
-from service.settings import Settings
+from service.config import Settings
 from tests.helpers import COLOURS, dataset_zip, image_bytes, make_zip
 
 FAST_OPTIONS = {"max_epochs": 15, "patience": 3, "augmentation": {"views": 1},
@@ -146,7 +146,7 @@ def test_a_training_image_scores_the_same_over_http_as_in_process(app, client, r
     from models.heads import HeadSpec, load_head
     from models.prediction import class_scores
     from models.preprocessing import load_image
-    from service.datasets import Dataset
+    from service.jobs.datasets import Dataset
 
     services = app.extensions["headstart"]
     classifier_id = ready_classifier["id"]
@@ -470,7 +470,7 @@ def test_restart_keeps_classifiers_and_requeues_interrupted_jobs(tmp_path, app, 
     'training' by a dead process is run again."""
     import shutil
 
-    from service.schemas import ClassifierRecord
+    from service.api.schemas import ClassifierRecord
 
     root = tmp_path / "store"
     shutil.copytree(app.extensions["headstart"].store.blobs.root, root)

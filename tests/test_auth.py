@@ -12,8 +12,8 @@ import pytest
 from pydantic import SecretStr
 
 from service.app import create_app
-from service.auth import ApiKeyConfigError, load_api_keys
-from service.settings import Settings
+from service.api.auth import ApiKeyConfigError, load_api_keys
+from service.config import Settings
 from tests.helpers import COLOURS, dataset_zip, image_bytes
 
 ADMIN_KEY = "admin-4f1c2b8e9d7a6c5b"
@@ -254,7 +254,7 @@ def test_a_bad_keys_file_stops_start_up(tmp_path, content, message):
 
 
 def test_without_keys_the_service_warns_that_it_is_open(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="service.auth"):
+    with caplog.at_level(logging.WARNING, logger="service.api.auth"):
         app = create_app(settings(tmp_path))
 
     assert any(record.levelno == logging.WARNING and "no API keys" in record.getMessage()

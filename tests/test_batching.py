@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import FeatureBatcher, Overloaded
+from service.serving.batching import FeatureBatcher, Overloaded
 from service.errors import ServiceUnavailable
 
 RNG = np.random.default_rng(0)

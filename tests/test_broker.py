@@ -7,8 +7,8 @@ import time
 import pytest
 
 from service.app import create_app
-from service.localservers import RedisServer, free_port, redis_server_program
-from service.settings import Settings
+from tools.localservers import RedisServer, free_port, redis_server_program
+from service.config import Settings
 from tests.helpers import dataset_zip
 from tests.test_api import post_dataset, wait_ready
 

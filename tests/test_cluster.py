@@ -1,7 +1,7 @@
 """Integration: the distributed topology `make run-cluster` starts, from real parts.
 
 Redis, `rclone serve s3`, two gunicorn APIs and two Celery training workers, launched by
-`python -m service.cluster` exactly as `make run-cluster` does (random weights, 32 px). The tests
+`python -m tools.cluster` exactly as `make run-cluster` does (random weights, 32 px). The tests
 read the job bookkeeping straight from the bucket, kill workers and the S3 server, and check the
 lifecycle promises: a lost worker's job is re-run or failed within 2 minutes, a duplicate
 delivery runs once, DELETE stops a running job, SIGTERM lets a job finish.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from service.localservers import (RcloneS3Server, free_port, rclone_program,
+from tools.localservers import (RcloneS3Server, free_port, rclone_program,
                                   redis_server_program)
 from tests.helpers import COLOURS, call, dataset_zip, image_bytes, multipart
 
@@ -66,7 +66,7 @@ def cluster(tmp_path_factory):
                HEADSTART_LEASE_SECONDS=str(LEASE_SECONDS))
     log_path = tmp / "cluster.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "service.cluster"], cwd=ROOT, env=env,
+        process = subprocess.Popen([sys.executable, "-m", "tools.cluster"], cwd=ROOT, env=env,
                                    stdout=log, stderr=subprocess.STDOUT)
     running = Cluster(process, tmp / "data", log_path)
     try:
@@ -103,7 +103,7 @@ class Cluster:
         import boto3
         from botocore.config import Config
 
-        from service.cluster import S3_ACCESS_KEY, S3_SECRET_KEY
+        from tools.cluster import S3_ACCESS_KEY, S3_SECRET_KEY
 
         self.s3 = boto3.client(
             "s3", endpoint_url=self.state["s3_endpoint_url"], region_name="us-east-1",
@@ -211,8 +211,8 @@ def _sample(metrics: str, name: str) -> float:
 
 
 def test_the_same_task_delivered_twice_runs_once(cluster):
-    from service.broker import TASK_NAME, celery_app
-    from service.settings import Settings
+    from service.workers.broker import TASK_NAME, celery_app
+    from service.config import Settings
 
     publisher = celery_app(Settings(queue=cluster.state["queue"]))
     api = cluster.apis[0]
@@ -283,7 +283,7 @@ def test_the_store_going_away_is_a_fast_503_and_recovers(cluster):
     status, _, readiness = call("GET", api + "/readyz")
     assert status == 503 and readiness["checks"]["store"] != "ok", readiness
 
-    from service.cluster import S3_ACCESS_KEY, S3_SECRET_KEY
+    from tools.cluster import S3_ACCESS_KEY, S3_SECRET_KEY
 
     replacement = RcloneS3Server(s3["port"], s3["data"], S3_ACCESS_KEY, S3_SECRET_KEY)
     cluster.extra_servers.append(replacement)

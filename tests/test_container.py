@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.localservers import _find_program
+from tools.localservers import _find_program
 from tests.conftest import SHARED
 
 ROOT = Path(__file__).resolve().parents[1]

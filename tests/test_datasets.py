@@ -1,4 +1,4 @@
-"""Tests for reading uploaded dataset zips (service/datasets.py): built in memory, tiny images."""
+"""Tests for reading uploaded dataset zips (service/jobs/datasets.py) and the stored archive format (service/storage/archive.py): built in memory, tiny images."""
 
 from __future__ import annotations
 
@@ -20,14 +20,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from models.preprocessing import decode_image
-from service.datasets import (
-    Dataset,
-    DatasetArchiveError,
-    DatasetImage,
-    DatasetLimits,
-    SkippedFile,
-    read_dataset_zip,
-)
+from service.jobs.datasets import DatasetLimits, read_dataset_zip
+from service.storage.archive import Dataset, DatasetArchiveError, DatasetImage, SkippedFile
 from service.errors import BadRequest, PayloadTooLarge, Unprocessable
 
 MiB = 1024**2

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from service.localservers import free_port
-from service.settings import Settings
-from service.store import open_store
+from tools.localservers import free_port
+from service.config import Settings
+from service.app import open_store
 from tests.helpers import call, dataset_zip, multipart
 
 ROOT = Path(__file__).resolve().parents[1]

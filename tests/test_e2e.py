@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.localservers import free_port
+from tools.localservers import free_port
 from tests.helpers import COLOURS, call, dataset_zip, image_bytes, multipart
 
 ROOT = Path(__file__).resolve().parents[1]

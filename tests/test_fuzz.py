@@ -12,7 +12,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from service.app import create_app
-from service.settings import Settings
+from service.config import Settings
 from tests.helpers import dataset_zip
 
 API_KEY = "fuzz-admin-key-0123456789abcdef"

@@ -250,7 +250,7 @@ def test_settings_reach_the_pods_through_the_config_map(helm):
 @pytest.mark.parametrize("values", CI_VALUES)
 def test_every_variable_the_chart_sets_is_one_the_service_reads(helm, values):
     """Chart and application cannot drift apart: a renamed setting fails here."""
-    from service.settings import Settings
+    from service.config import Settings
 
     read_by_gunicorn = {"HEADSTART_WEB_THREADS", "HEADSTART_WEB_WORKERS", "HEADSTART_LOG_LEVEL"}
     known = {f"HEADSTART_{name.upper()}" for name in Settings.model_fields} | read_by_gunicorn

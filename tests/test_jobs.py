@@ -13,10 +13,10 @@ import pytest
 from service import jobs
 from service.errors import NotFound
 from service.metrics import Metrics
-from service.schemas import Lease, TrainingOptions, utc_now
-from service.serving import BackboneHolder, HeadCache
-from service.settings import Settings
-from service.store import ClassifierStore, LocalBlobStore
+from service.api.schemas import Lease, TrainingOptions, utc_now
+from service.serving.backbone import BackboneHolder, HeadCache
+from service.config import Settings
+from service.storage.store import ClassifierStore, LocalBlobStore
 from tests.helpers import dataset_zip
 
 OPTIONS = TrainingOptions.model_validate({"max_epochs": 30, "augmentation": {"views": 1}})
@@ -197,7 +197,7 @@ def test_a_run_over_the_time_limit_fails_with_the_reason(services):
 
 
 def test_a_failed_commit_fails_the_job_instead_of_leaving_it_training(services, monkeypatch):
-    from service.store import StoreUnavailable
+    from service.storage.store import StoreUnavailable
 
     classifier_id = create(services)
 

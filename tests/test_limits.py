@@ -7,8 +7,8 @@ import time
 import pytest
 
 from service.app import create_app
-from service.limits import UploadLimiter
-from service.settings import Settings
+from service.api.limits import UploadLimiter
+from service.config import Settings
 from tests.helpers import dataset_zip
 
 OPTIONS = '{"max_epochs": 2, "augmentation": {"views": 0}, ' \

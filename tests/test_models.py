@@ -233,7 +233,7 @@ def test_a_mixed_precision_backbone_gives_float32_features_close_to_float32(back
 
     from models.backbone import load_backbone
 
-    mixed = load_backbone("random", 32, cache_dir=None, seed=0, precision="mixed_bfloat16")
+    mixed = load_backbone("random", 32, seed=0, precision="mixed_bfloat16")
     assert mixed.precision == "mixed_bfloat16" and backbone.precision == "float32"
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
     assert mixed.identity.fingerprint == backbone.identity.fingerprint  # same float32 weights

@@ -31,7 +31,7 @@ def images_of(folder: Path, per_label: int | None = None):
 
 
 def test_hymenoptera_subset_scores_above_085_on_val(tmp_path):
-    backbone = load_backbone(str(WEIGHTS), 224, cache_dir=tmp_path)
+    backbone = load_backbone(str(WEIGHTS), 224)
     assert backbone.identity.weights == "imagenet"
     train_images, train_labels = images_of(HYMENOPTERA / "train", per_label=40)
     config = TrainingConfig(augmentation=Augmentation(views=1))

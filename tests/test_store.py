@@ -12,10 +12,10 @@ import uuid
 import pytest
 
 from service.errors import NotFound
-from service.localservers import RcloneS3Server, free_port, rclone_program
-from service.s3 import S3BlobStore, open_s3_blob_store, parse_s3_location, s3_client
-from service.settings import Settings
-from service.store import ClassifierStore, LocalBlobStore, StoreUnavailable
+from tools.localservers import RcloneS3Server, free_port, rclone_program
+from service.storage.s3 import S3BlobStore, open_s3_blob_store, parse_s3_location, s3_client
+from service.config import Settings
+from service.storage.store import ClassifierStore, LocalBlobStore, StoreUnavailable
 
 BUCKET = "headstart"
 ACCESS_KEY, SECRET_KEY = "headstart-test", "headstart-test-secret"

@@ -1,4 +1,4 @@
-"""Tests of finding and verifying the VGG16 ImageNet weights (models/weights.py).
+"""Tests of finding (service/weights.py) and verifying (models/weights.py) the VGG16 ImageNet weights.
 
 Network sources are made to fail with real calls to addresses that refuse or never answer, and pip
 is cut off from this machine's configured indexes, so the tests are the same on any machine.
@@ -22,18 +22,9 @@ import h5py
 import numpy as np
 import pytest
 
-from models import weights
-from models.weights import (
-    CONV_LAYERS,
-    IMAGENET_FINGERPRINT,
-    KERAS_WEIGHTS_FILE,
-    PYPI_WEIGHTS_FILE,
-    WeightsMismatch,
-    WeightsUnavailable,
-    fingerprint,
-    resolve_imagenet,
-    verify_file,
-)
+from models.weights import CONV_LAYERS, IMAGENET_FINGERPRINT, WeightsMismatch, fingerprint, verify_file
+from service import weights
+from service.weights import KERAS_WEIGHTS_FILE, PYPI_WEIGHTS_FILE, WeightsUnavailable, resolve_imagenet
 
 SHARED_WEIGHTS = (
     Path(__file__).resolve().parents[2] / "shared" / "weights" / KERAS_WEIGHTS_FILE

@@ -1,7 +1,7 @@
 """Training runners: how a queued job reaches a worker.
 
 `TrainingRunner` is the interface the use cases see. `ThreadRunner` is the embedded default: one
-background thread in the API process runs jobs one at a time. `service.broker.CeleryRunner`
+background thread in the API process runs jobs one at a time. `service.workers.broker.CeleryRunner`
 implements the same interface over a distributed queue.
 """
 
@@ -12,6 +12,8 @@ import queue
 import threading
 from collections.abc import Callable
 from typing import Protocol
+
+from service.errors import ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +39,20 @@ JobFunction = Callable[[str, Callable[[], bool]], None]
 
 
 class ThreadRunner:
-    """Runs jobs one at a time on a daemon thread. `job(classifier_id, should_stop)` does the work."""
+    """Runs jobs one at a time on a daemon thread, once `start(job)` names the work:
+    `job(classifier_id, should_stop)`. Jobs submitted before the start wait in the queue."""
 
-    def __init__(self, job: JobFunction):
-        self._job = job
+    def __init__(self):
+        self._job: JobFunction | None = None
         self._queue: queue.Queue[str] = queue.Queue()
         self._lock = threading.Lock()
         self._cancelled: set[str] = set()
         self._running: str | None = None
         self._finished = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._loop, name="training-runner", daemon=True)
+
+    def start(self, job: JobFunction) -> None:
+        self._job = job
         self._thread.start()
 
     def submit(self, classifier_id: str) -> None:
@@ -60,8 +66,7 @@ class ThreadRunner:
             self._finished.wait_for(lambda: self._running != classifier_id, timeout=CANCEL_WAIT_S)
 
     def ping(self) -> None:
-        if not self._thread.is_alive():  # pragma: no cover - the loop catches everything
-            from service.errors import ServiceUnavailable
+        if not self._thread.is_alive():
             raise ServiceUnavailable("the training runner thread has stopped")
 
     def depth(self) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from flask import Flask, request
 
 from service.errors import Forbidden, Unauthorized
-from service.settings import Settings
+from service.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""A training worker: `python -m service.worker`, with `HEADSTART_QUEUE` set to the broker URL.
+"""A training worker: `python -m service.workers.worker`, with `HEADSTART_QUEUE` set to the broker URL.
 
 One job at a time (Celery's solo pool, prefetch 1, late acks), so one worker per GPU. It loads
 and warms the backbone before it takes a job, uses the GPU when there is one (with memory
@@ -16,17 +16,17 @@ import os
 import socket
 import sys
 
-from service import jobs
-from service.broker import QUEUE_NAME, TASK_NAME, celery_app
+from service.app import open_runner, open_store
+from service.config import Settings
+from service.jobs.services import Services
+from service.jobs.training import run_training_job
 from service.metrics import Metrics
-from service.serving import BackboneHolder, load_configured_backbone
-from service.settings import Settings
-from service.store import open_store
+from service.serving.backbone import BackboneHolder, load_configured_backbone
+from service.serving.heads import HeadCache
+from service.workers.broker import QUEUE_NAME, TASK_NAME, celery_app
 
-log = logging.getLogger("service.worker")
+log = logging.getLogger("service.workers.worker")
 
-#: After claiming a job, how long a worker waits to see that no other worker claimed it too.
-CLAIM_SETTLE_S = 0.5
 WORKER_BOOT_ERROR = 3
 
 
@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         print("HEADSTART_QUEUE is 'local': the API trains in-process, and a worker needs a broker "
               "URL such as redis://localhost:6379/0", file=sys.stderr)
         return 2
-    services = jobs.Services(
+    services = Services(
         settings=settings, store=open_store(settings),
         backbone=BackboneHolder(lambda: load_configured_backbone(settings),
                                 on_error=_refuse_to_start),
-        heads=None, runner=None, metrics=Metrics())
+        heads=HeadCache(_no_heads, capacity=1), runner=open_runner(settings), metrics=Metrics())
     services.backbone.start()
     services.backbone.get(wait=True)  # warm before taking a job; a failure has exited already
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     @app.task(name=TASK_NAME)
     def train(classifier_id: str) -> None:
-        jobs.run_training_job(services, classifier_id, settle_s=CLAIM_SETTLE_S)
+        run_training_job(services, classifier_id)
 
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"--hostname=headstart@{socket.gethostname()}-{os.getpid()}",
                      *(argv if argv is not None else sys.argv[1:])])
     return 0
+
+
+def _no_heads(record):
+    raise RuntimeError("training workers do not serve predictions")
 
 
 def _refuse_to_start(error: BaseException) -> None:

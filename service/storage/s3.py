@@ -1,10 +1,12 @@
 """S3 behind the `BlobStore` interface, for `HEADSTART_STORE=s3://bucket/prefix`, and the one
-place that configures a boto3 S3 client. Works against AWS S3 and S3-compatible servers (MinIO,
-rclone …)."""
+place that configures a boto3 S3 client. Works against AWS S3 and S3-compatible servers that
+honour conditional writes (`If-Match` / `If-None-Match` on PutObject: AWS S3, MinIO, SeaweedFS);
+`check_conditional_writes` refuses a server that ignores them (rclone's)."""
 
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO
@@ -15,8 +17,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from service.settings import Settings
-from service.store import StoreUnavailable
+from service.config import Settings
+from service.storage.blobs import PreconditionFailed, StoreUnavailable
 
 _MiB = 1024**2
 # Files above 8 MiB go up in 8 MiB parts, read from the file object as they are sent.
@@ -24,6 +26,12 @@ _TRANSFER = TransferConfig(multipart_threshold=8 * _MiB, multipart_chunksize=8 *
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
 _BUCKET_NAME = re.compile(r"^[a-zA-Z0-9._-]{1,255}$")  # what boto3 itself accepts
 _MISSING_KEY_CODES = {"NoSuchKey", "NotFound", "404"}  # HEAD answers carry no body: code "404"
+# 412: the tag did not match; 409: a concurrent conditional write to the same key won.
+_PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+
+
+class ConditionalWritesUnsupported(RuntimeError):
+    """The S3 server accepts conditional writes it does not honour: leases would not be safe."""
 
 
 def s3_client(settings: Settings, *, fast: bool = False):
@@ -95,6 +103,8 @@ class S3BlobStore:
         except ClientError as error:
             code = error.response.get("Error", {}).get("Code", "")
             status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in _PRECONDITION_CODES or status in (409, 412):
+                raise PreconditionFailed(key or "") from None
             if code == "NoSuchBucket" or (status == 404 and key is None):
                 raise StoreUnavailable(f"bucket {self.bucket} does not exist "
                                        f"at {self.client.meta.endpoint_url}") from error
@@ -131,6 +141,47 @@ class S3BlobStore:
         """Streams the object into a writable binary file; on an error it may hold part of it."""
         with self._errors(key):
             self.client.download_fileobj(self.bucket, self._object(key), file, Config=_TRANSFER)
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        with self._errors(key):
+            response = self.client.get_object(Bucket=self.bucket, Key=self._object(key))
+            with response["Body"] as body:
+                return body.read(), response["ETag"]
+
+    def put_if(self, key: str, data: bytes, tag: str | None) -> str:
+        """Writes only if the object's ETag is `tag` (None: only if it does not exist)."""
+        condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+        with self._errors(key):
+            response = self.client.put_object(Bucket=self.bucket, Key=self._object(key),
+                                              Body=data, **condition)
+        return response["ETag"]
+
+    def delete_if(self, key: str, tag: str) -> None:
+        with self._errors(key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._object(key), IfMatch=tag)
+
+    def check_conditional_writes(self) -> None:
+        """Probes once that the server refuses mismatching conditional writes.
+
+        Raises:
+            ConditionalWritesUnsupported: it accepted a write it should have refused.
+        """
+        key = f"probes/conditional-{secrets.token_hex(8)}"
+        try:
+            tag = self.put_if(key, b"1", None)
+            for wrong in (None, '"' + "0" * 32 + '"'):
+                try:
+                    self.put_if(key, b"2", wrong)
+                except PreconditionFailed:
+                    continue
+                raise ConditionalWritesUnsupported(
+                    f"{self._where} accepted a PutObject with "
+                    f"{'If-None-Match: *' if wrong is None else 'a mismatching If-Match'} over an "
+                    "existing object: it ignores conditional writes, so two workers could both "
+                    "claim a job. Use AWS S3, MinIO or SeaweedFS (not rclone serve s3).")
+            self.put_if(key, b"3", tag)
+        finally:
+            self.delete(key)
 
     def exists(self, key: str) -> bool:
         try:

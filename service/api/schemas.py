@@ -1,57 +1,18 @@
-"""Pydantic models of every request, response and stored record. The OpenAPI document is built
-from these, so a field's `description` is its documentation."""
+"""Pydantic models of every public request and response. The OpenAPI document is built from
+these, so a field's `description` is its documentation. Stored records have their own models
+(`service.storage.records`); the training options are declared once, in `models.options`."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Status = Literal["queued", "training", "ready", "failed", "cancelled"]
-ACTIVE_STATUSES = ("queued", "training")
+from models.options import AugmentationOptions, HeadOptions, Strict, TrainingOptions
+from service.storage.records import ClassifierRecord, Status
 
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class Strict(BaseModel):
-    """Rejects unknown fields: a typo in an option must not be silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-# ---------------------------------------------------------------- training options
-
-
-class AugmentationOptions(Strict):
-    noise: float = Field(8.0, ge=0, le=64, description="Std of Gaussian pixel noise (0-255 units)")
-    flip: bool = Field(True, description="Mirror half of the views left-right")
-    rotation: float = Field(15.0, ge=0, le=180, description="Largest rotation, degrees either way")
-    shift: float = Field(0.1, ge=0, lt=0.5, description="Largest shift, fraction of the side")
-    views: int = Field(4, ge=0, le=32, description="Augmented views per training image, besides the original")
-
-
-class HeadOptions(Strict):
-    hidden_units: int = Field(0, ge=0, le=4096, description="Hidden layer width; 0 = linear head")
-    dropout: float = Field(0.2, ge=0, lt=1, description="Dropout on the head's inputs")
-    l2: float = Field(1e-3, ge=0, le=10, description="L2 penalty on the dense kernels")
-
-
-class TrainingOptions(Strict):
-    """The `options` part of a create request. Every field is optional."""
-
-    name: str | None = Field(None, min_length=1, max_length=200, description="Display name")
-    validation_split: float = Field(0.2, gt=0, le=0.5, description="Share of each label held out")
-    max_epochs: int = Field(100, ge=1, le=1000)
-    patience: int = Field(10, ge=0, le=200, description="Epochs without val_loss improvement before stopping")
-    learning_rate: float = Field(1e-3, gt=0, le=1)
-    batch_size: int = Field(64, ge=1, le=4096)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    augmentation: AugmentationOptions = Field(default_factory=AugmentationOptions)
-    head: HeadOptions | Literal["auto"] = Field(
-        "auto", description='"auto" picks the head by validation loss among a few small candidates')
+__all__ = ["AugmentationOptions", "HeadOptions", "TrainingOptions"]  # part of the public API
 
 
 # ---------------------------------------------------------------- classifier resource
@@ -113,33 +74,20 @@ class Classifier(BaseModel):
     error: ErrorOut | None = None
     options: TrainingOptions
 
+    @classmethod
+    def from_record(cls, record: ClassifierRecord) -> Classifier:
+        """The public view of a stored record: only the fields this model declares."""
+        data = record.model_dump(include=set(cls.model_fields))
+        for name, model in (("dataset", DatasetSummary), ("progress", ProgressOut)):
+            if data.get(name) is not None:
+                data[name] = {key: value for key, value in data[name].items()
+                              if key in model.model_fields}
+        return cls.model_validate(data)
+
 
 class ClassifierList(BaseModel):
     classifiers: list[Classifier]
-
-
-class Lease(BaseModel):
-    """Which worker runs the job, and when it last said so. A lease older than
-    `lease_seconds` means the worker is gone."""
-
-    owner: str
-    heartbeat_at: datetime
-
-    def expired(self, lease_seconds: float, now: datetime | None = None) -> bool:
-        return ((now or utc_now()) - self.heartbeat_at).total_seconds() > lease_seconds
-
-
-class ClassifierRecord(Classifier):
-    """What the store keeps: the public resource plus the job's bookkeeping."""
-
-    attempts: int = 0
-    lease: Lease | None = None
-    run: str | None = Field(None, description="The training run whose head and report are current")
-    head: HeadOptions | None = Field(None, description="The head that was trained")
-    training_seconds: float | None = None
-
-    def public(self) -> Classifier:
-        return Classifier.model_validate(self.model_dump(include=set(Classifier.model_fields)))
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page")
 
 
 # ---------------------------------------------------------------- prediction
@@ -167,6 +115,12 @@ class Prediction(BaseModel):
 class PredictionResponse(BaseModel):
     classifier_id: str
     predictions: list[Prediction]
+
+
+class ListQuery(Strict):
+    limit: int = Field(100, ge=1, le=1000, description="Most classifiers in one page")
+    cursor: str | None = Field(None, max_length=64,
+                               description="`next_cursor` of the previous page")
 
 
 class PredictQuery(Strict):

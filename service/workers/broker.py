@@ -1,6 +1,6 @@
 """Training jobs through Celery, when `HEADSTART_QUEUE` is a broker URL.
 
-Messages carry a classifier id and nothing else; workers (`python -m service.worker`) read the
+Messages carry a classifier id and nothing else; workers (`python -m service.workers.worker`) read the
 dataset from the store and write progress, heads and reports back to it. Delivery is at least
 once (late acknowledgement), and the job's lease in the store makes every extra delivery
 harmless: a worker drops a job that is finished, deleted, or running under a live lease.
@@ -17,7 +17,7 @@ from celery import Celery
 from kombu.exceptions import KombuError, OperationalError
 
 from service.errors import ServiceUnavailable
-from service.settings import Settings
+from service.config import Settings
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     queue: str = Field(
         "local", pattern=r"^(local|(redis|rediss|amqp|amqps)://.+)$",
         description="local: the in-process training runner (one machine); a broker URL "
-                    "(redis://host:6379/0) sends jobs through Celery to `python -m service.worker`")
+                    "(redis://host:6379/0) sends jobs through Celery to `python -m service.workers.worker`")
     queue_visibility_timeout: int = Field(
         86400, gt=0, description="Redis only: seconds before an unacknowledged job is delivered "
                                  "again; keep it above the longest job (the lease guards anyway)")
@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     s3_secret_access_key: SecretStr | None = Field(None, description="With s3_access_key_id")
     s3_addressing_style: str = Field("auto", pattern="^(auto|path|virtual)$",
                                      description="path for most S3-compatible servers")
+    s3_check_conditional_writes: bool = Field(
+        True, description="At start, check once that the S3 server refuses mismatching "
+                          "conditional writes (the job leases need them); refuse to start if not")
+    requeue_queued_after_s: float = Field(
+        600, gt=0, description="A job queued this long without being claimed is published "
+                               "again (its message may have been lost); duplicates are harmless")
+    metrics_store_scan_s: float = Field(
+        300, gt=0, description="/metrics reads every record at most this often (classifiers by "
+                               "status, training durations); jobs in flight are read every scrape")
 
     max_upload_bytes: int = Field(512 * 1024**2, gt=0, description="Largest request body")
     max_dataset_members: int = Field(20_000, gt=0, description="Most entries in a dataset zip")
@@ -50,6 +59,12 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(50 * 1024**2, gt=0, description="Largest single image file")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image, width × height")
     max_predict_images: int = Field(64, gt=0, description="Most images in one predict request")
+    max_predict_bytes: int = Field(
+        64 * 1024**2, gt=0, description="Largest predict request body (its own limit, below "
+                                        "max_upload_bytes)")
+    max_feature_bytes: int = Field(
+        8 * 1024**3, gt=0, description="Most memory a training run's cached features may take "
+                                       "(images × views × feature size); larger uploads get 422")
     predict_max_batch: int = Field(
         32, ge=1, le=256, description="Most images in one shared backbone pass")
     predict_max_wait_ms: float = Field(

@@ -7,11 +7,13 @@ import json
 from flask import Blueprint, Response, current_app, request, url_for
 from pydantic import BaseModel, ValidationError
 
-from service import jobs
+from service.api.openapi import documented
+from service.api.schemas import (Classifier, ClassifierList, LabelScore, ListQuery, Prediction,
+                                 PredictionResponse, PredictQuery, PredictRequest, Report,
+                                 TrainingOptions)
 from service.errors import BadRequest, Unprocessable
-from service.openapi import documented
-from service.schemas import (Classifier, ClassifierList, PredictionResponse, PredictQuery,
-                             PredictRequest, Report, TrainingOptions)
+from service.jobs import classifiers, prediction
+from service.jobs.services import Services
 
 api = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -29,7 +31,7 @@ _PREDICT = {
 }
 
 
-def services() -> jobs.Services:
+def services() -> Services:
     return current_app.extensions["headstart"]
 
 
@@ -80,30 +82,35 @@ def create_classifier():
         upload = request.files.get("dataset")
         if upload is None:
             raise BadRequest("send the dataset zip as the multipart part 'dataset'")
-        classifier = jobs.create_classifier(services(), upload.stream, _options())
-    location = url_for("v1.get_classifier", classifier_id=classifier.id)
-    return json_response(classifier, 202, Location=location)
+        record = classifiers.create_classifier(services(), upload.stream, _options())
+    location = url_for("v1.get_classifier", classifier_id=record.id)
+    return json_response(Classifier.from_record(record), 202, Location=location)
 
 
 @api.get("/classifiers")
-@documented(responses={200: ClassifierList})
+@documented(query=ListQuery, responses={200: ClassifierList, 422: None})
 def list_classifiers():
-    """List classifiers, newest first."""
-    return json_response(ClassifierList(classifiers=jobs.list_classifiers(services())))
+    """List classifiers, newest first, a page at a time."""
+    query = parse(ListQuery, request.args.to_dict(), "query")
+    records, cursor = classifiers.list_classifiers(services(), query.limit, query.cursor)
+    return json_response(ClassifierList(classifiers=[Classifier.from_record(r) for r in records],
+                                        next_cursor=cursor))
 
 
 @api.get("/classifiers/<classifier_id>")
 @documented(responses={200: Classifier, 404: None})
 def get_classifier(classifier_id: str):
     """Get a classifier: status, progress, labels and metrics."""
-    return json_response(jobs.get_classifier(services(), classifier_id))
+    return json_response(Classifier.from_record(
+        classifiers.get_classifier(services(), classifier_id)))
 
 
 @api.get("/classifiers/<classifier_id>/report")
 @documented(responses={200: Report, 404: None, 409: None})
 def get_report(classifier_id: str):
     """Get the training report of a finished classifier."""
-    return json_response(jobs.get_report(services(), classifier_id))
+    return json_response(Report.model_validate_json(
+        classifiers.get_report(services(), classifier_id)))
 
 
 @api.post("/classifiers/<classifier_id>/predict")
@@ -116,17 +123,23 @@ def predict(classifier_id: str):
     Send multipart `image` parts, or JSON `{"instances": [{"b64": "..."}]}`.
     """
     query = parse(PredictQuery, request.args.to_dict(), "query")
+    # NB: its own, smaller limit, enforced by Werkzeug while reading (chunked bodies too).
+    request.max_content_length = services().settings.max_predict_bytes
     if request.is_json:
         body = parse(PredictRequest, parse_json(request.get_data(), "the body"), "body")
-        images = jobs.decode_base64_images([instance.b64 for instance in body.instances])
+        images = prediction.decode_base64_images([instance.b64 for instance in body.instances])
     else:
         images = [part.read() for part in request.files.getlist("image")]
-    return json_response(jobs.predict(services(), classifier_id, images, query.top_k))
+    ranked = prediction.predict(services(), classifier_id, images, query.top_k)
+    return json_response(PredictionResponse(classifier_id=classifier_id, predictions=[
+        Prediction(label=pairs[0][0], score=pairs[0][1],
+                   top_k=[LabelScore(label=label, score=score) for label, score in pairs])
+        for pairs in ranked]))
 
 
 @api.delete("/classifiers/<classifier_id>")
 @documented(responses={204: None, 404: None})
 def delete_classifier(classifier_id: str):
     """Delete a classifier, cancelling its training if it is running."""
-    jobs.delete_classifier(services(), classifier_id)
+    classifiers.delete_classifier(services(), classifier_id)
     return Response(status=204)

@@ -3,7 +3,7 @@
     Redis (the broker)                      unless HEADSTART_QUEUE names one
     rclone serve s3 on a fresh data folder  unless HEADSTART_STORE names a store
     two API processes (gunicorn)            on $PORT and $PORT+1
-    two training workers                    python -m service.worker
+    two training workers                    python -m service.workers.worker
 
 Every other HEADSTART_* variable passes through, as with `make run`. Output is one stream, each
 line prefixed by the process it came from. A worker that exits is restarted after a pause, as
@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.localservers import LocalServer, RcloneS3Server, RedisServer, free_port
+from tools.localservers import LocalServer, RcloneS3Server, RedisServer, free_port
 
-log = logging.getLogger("service.cluster")
+log = logging.getLogger("tools.cluster")
 
 BUCKET = "headstart"
 S3_ACCESS_KEY, S3_SECRET_KEY = "headstart", "headstart-local-secret"
@@ -89,7 +89,7 @@ class Cluster:
                 [python, "-m", "gunicorn", "-c", "service/gunicorn.conf.py", "service.wsgi:app"],
                 {**self.env, "PORT": str(self.port + index)}, restart=False))
         for index in range(WORKERS):
-            self.children.append(Child(f"worker-{index + 1}", [python, "-m", "service.worker"],
+            self.children.append(Child(f"worker-{index + 1}", [python, "-m", "service.workers.worker"],
                                        self.env, restart=True))
         for child in self.children:
             child.start()

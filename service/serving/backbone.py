@@ -1,16 +1,15 @@
-"""Per-process serving state: the backbone, loaded once after fork, and an LRU cache of heads."""
+"""The per-process backbone: loaded once after fork, on a thread, then fed through the shared
+batching queue."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 
-from service.batching import FeatureBatcher
+from service.serving.batching import FeatureBatcher
 from service.errors import ServiceUnavailable
-from service.schemas import ClassifierRecord
-from service.settings import Settings
+from service.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +17,11 @@ log = logging.getLogger(__name__)
 def load_configured_backbone(settings: Settings):
     """The backbone `HEADSTART_BACKBONE_WEIGHTS` and `HEADSTART_IMAGE_SIZE` ask for."""
     from models.backbone import load_backbone  # NB: TensorFlow is imported here, after fork
-    from service.weights_source import local_weights
+    from service.weights import local_weights
 
-    return load_backbone(local_weights(settings), settings.image_size,
-                         cache_dir=settings.weights_cache, precision=settings.precision)
+    weights, source = local_weights(settings)
+    return load_backbone(weights, settings.image_size, source=source,
+                         precision=settings.precision)
 
 
 def batching_options(settings: Settings) -> dict:
@@ -100,35 +100,3 @@ class BackboneHolder:
     @property
     def queued_images(self) -> int:
         return self._batcher.queued if self._batcher else 0
-
-
-class HeadCache:
-    """Least-recently-used heads, keyed by classifier id and the record's update time."""
-
-    def __init__(self, load: Callable[[ClassifierRecord], "keras.Model"],  # noqa: F821
-                 capacity: int):
-        self._load = load
-        self._capacity = capacity
-        self._heads: OrderedDict[str, tuple[object, object]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, record: ClassifierRecord):
-        with self._lock:
-            cached = self._heads.get(record.id)
-            if cached and cached[0] == record.updated_at:
-                self._heads.move_to_end(record.id)
-                return cached[1]
-        head = self._load(record)  # outside the lock: a slow store read blocks no other head
-        with self._lock:
-            self._heads[record.id] = (record.updated_at, head)
-            self._heads.move_to_end(record.id)
-            while len(self._heads) > self._capacity:
-                self._heads.popitem(last=False)
-        return head
-
-    def forget(self, classifier_id: str) -> None:
-        with self._lock:
-            self._heads.pop(classifier_id, None)
-
-    def __len__(self) -> int:
-        return len(self._heads)

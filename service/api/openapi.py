@@ -10,8 +10,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from service import schemas
-from service.auth import ADMIN, required_scope
+from service.api import schemas
+from service.api.auth import ADMIN, required_scope
 
 REF = "#/components/schemas/{model}"
 _PROBLEM = {"application/problem+json": {"schema": {"$ref": REF.format(model="Problem")}}}

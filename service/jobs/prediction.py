@@ -1,0 +1,60 @@
+"""Predict: images in, labels and calibrated scores out, through the shared backbone."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import numpy as np
+
+from models.prediction import apply_head, rank
+from models.preprocessing import ImageDecodeError, load_image
+from service.errors import BadRequest, Conflict, Unprocessable
+from service.jobs.services import Services
+
+
+def decode_base64_images(encoded: list[str]) -> list[bytes]:
+    """Decodes JSON `b64` instances; a bad one is a 400 naming its index."""
+    images = []
+    for index, text in enumerate(encoded):
+        try:
+            images.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"instances[{index}].b64 is not valid base64",
+                             errors=[{"field": f"instances.{index}.b64",
+                                      "message": "not valid base64"}]) from None
+    return images
+
+
+def check_image_count(services: Services, count: int) -> None:
+    """Cheap bound, checked before anything is decoded or parsed further."""
+    if not count:
+        raise BadRequest("send at least one image: multipart parts named 'image', or JSON "
+                         '{"instances": [{"b64": "..."}]}')
+    if count > services.settings.max_predict_images:
+        raise BadRequest(f"{count} images in one request; the limit is "
+                         f"{services.settings.max_predict_images} (HEADSTART_MAX_PREDICT_IMAGES)")
+
+
+def predict(services: Services, classifier_id: str, images: list[bytes],
+            top_k: int) -> list[list[tuple[str, float]]]:
+    """The top_k (label, score) pairs for each image, in request order, best first."""
+    check_image_count(services, len(images))
+    record = services.store.load_record(classifier_id)
+    if record.status != "ready":
+        raise Conflict(f"classifier {classifier_id} is {record.status}, not ready")
+    size = services.backbone.get().image_size
+    pixels = np.stack([_decode(data, index, size, services.settings.max_image_pixels)
+                       for index, data in enumerate(images)])
+    head = services.heads.get(record)
+    scores = services.backbone.features(pixels, lambda features: apply_head(head, features))
+    services.metrics.predictions(len(images))
+    return rank(scores, record.labels, min(top_k, len(record.labels)))
+
+
+def _decode(data: bytes, index: int, size: int, max_pixels: int) -> np.ndarray:
+    try:
+        return load_image(data, size, max_pixels=max_pixels)
+    except ImageDecodeError as error:
+        raise Unprocessable(f"image {index}: {error.reason}",
+                            errors=[{"field": f"image.{index}", "message": error.reason}]) from None

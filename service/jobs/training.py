@@ -1,0 +1,161 @@
+"""Run a training job: claim it, train on its stored dataset, commit the head and report.
+
+Imports TensorFlow (through `models.training`): only training threads and workers import this.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from models import training
+from models.augmentation import Augmentation
+from models.backbone import device_name
+from models.heads import AUTO_CANDIDATES, HeadSpec, serialize_weights
+from models.options import TrainingOptions
+from models.preprocessing import ImageDecodeError
+from service.errors import NotFound
+from service.jobs.recovery import fail_interrupted
+from service.jobs.runs import Stopped, TrainingRun
+from service.jobs.services import Services
+from service.storage.archive import Dataset
+from service.storage.classifiers import PreconditionFailed, Versioned
+from service.storage.records import ACTIVE_STATUSES, ClassifierRecord, Lease, Progress, utc_now
+
+log = logging.getLogger(__name__)
+
+
+def training_config(options: TrainingOptions, max_image_pixels: int) -> training.TrainingConfig:
+    """Maps the stored options onto the ML code's config."""
+    heads = AUTO_CANDIDATES if options.head == "auto" else (HeadSpec(**options.head.model_dump()),)
+    return training.TrainingConfig(
+        validation_split=options.validation_split, max_epochs=options.max_epochs,
+        patience=options.patience, learning_rate=options.learning_rate,
+        batch_size=options.batch_size, seed=options.seed,
+        augmentation=Augmentation(**options.augmentation.model_dump()), heads=heads,
+        max_image_pixels=max_image_pixels)
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def run_training_job(services: Services, classifier_id: str,
+                     should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Runs one delivery of a training job. Safe to call twice for the same job: a delivery that
+    finds the job finished, deleted, or claimed by another worker does nothing.
+
+    Args:
+        should_stop: polled between batches and epochs; True cancels the job.
+
+    A failure is recorded in the classifier (status failed, error with the reason), then
+    re-raised for the runner to log.
+    """
+    claimed = claim(services, classifier_id)
+    if claimed is None:
+        return
+    run = TrainingRun(services, claimed, should_stop)
+    with run.heartbeat():
+        try:
+            result = _train(services, run)
+            run.commit(serialize_weights(result.head), _report(services, run, result),
+                       result.spec.as_dict())
+        except (training.Cancelled, Stopped):
+            log.info("job %s: stopped: %s", classifier_id, run.stop_reason or "cancelled")
+            services.metrics.job_event("cancelled")
+            return
+        except Exception as error:  # a failed commit too: never left training
+            run.fail("Training failed", _failure_detail(error))
+            services.metrics.job_event("failed")
+            raise
+    if not run.finished:
+        log.info("job %s: result discarded: %s", classifier_id, run.stop_reason)
+        return
+    services.metrics.job_event("ready")
+    log.info("job %s: ready, validation accuracy %.3f", classifier_id,
+             run.record.metrics.val_accuracy)
+
+
+def claim(services: Services, classifier_id: str) -> Versioned | None:
+    """Takes the job's lease by a compare-and-set, or returns None when this delivery has
+    nothing to do. Of two workers claiming at once exactly one wins; no settle time needed."""
+    store, owner = services.store, worker_identity()
+    try:
+        current = store.load_versioned(classifier_id)
+    except NotFound:
+        log.info("job %s: classifier was deleted, nothing to do", classifier_id)
+        return None
+    record = current.record
+    if record.status not in ACTIVE_STATUSES:
+        log.info("job %s: classifier is %s, nothing to do", classifier_id, record.status)
+        return None
+    if record.status == "training" and record.lease and \
+            not record.lease.expired(services.settings.lease_seconds):
+        log.info("job %s: already running on %s; duplicate delivery dropped", classifier_id,
+                 record.lease.owner)
+        return None
+    if record.attempts >= services.settings.max_attempts:  # earlier runs died mid-job
+        fail_interrupted(services, current)
+        return None
+    claimed = record.model_copy(deep=True)
+    claimed.status, claimed.attempts = "training", record.attempts + 1
+    claimed.lease = Lease(owner=owner, heartbeat_at=utc_now())
+    claimed.progress, claimed.updated_at = Progress(stage="extracting"), utc_now()
+    try:
+        tag = store.save_record(claimed, current.tag)
+    except PreconditionFailed:
+        log.info("job %s: claimed by another worker at the same time; backing off",
+                 classifier_id)
+        return None
+    except NotFound:
+        return None
+    services.metrics.job_event("training")
+    return Versioned(claimed, tag)
+
+
+def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
+    record = run.record
+    with tempfile.TemporaryFile() as archive:
+        services.store.load_dataset(record.id, archive)
+        archive.seek(0)
+        dataset = Dataset.from_archive(archive)
+    backbone = services.backbone.get(wait=True)
+    _check_same_backbone(record, backbone.identity.as_dict())
+    label_index = {label: i for i, label in enumerate(record.labels)}
+    return training.train_classifier(
+        [image.data for image in dataset.images],
+        np.array([label_index[image.label] for image in dataset.images]),
+        record.labels, backbone,
+        training_config(record.options, services.settings.max_image_pixels),
+        on_progress=run.on_progress, should_stop=run.should_stop)
+
+
+def _report(services: Services, run: TrainingRun, result: training.TrainingResult) -> dict:
+    record = run.record
+    return {"classifier_id": record.id, "options": record.options.model_dump(mode="json"),
+            "backbone": record.backbone.model_dump(mode="json"), "device": device_name(),
+            "precision": services.backbone.get().precision, **result.report}
+
+
+def _check_same_backbone(record: ClassifierRecord, worker: dict) -> None:
+    """A head is only valid on the backbone it was created for: API and workers must agree."""
+    wanted = record.backbone
+    if (wanted.weights, wanted.image_size, wanted.fingerprint) != \
+            (worker["weights"], worker["image_size"], worker["fingerprint"]):
+        raise ValueError(
+            f"this worker's backbone ({worker['weights']}, {worker['image_size']} px, "
+            f"fingerprint {worker['fingerprint']}) is not the one the classifier was created "
+            f"with ({wanted.weights}, {wanted.image_size} px, fingerprint {wanted.fingerprint}); "
+            "give workers and API the same HEADSTART_BACKBONE_WEIGHTS and HEADSTART_IMAGE_SIZE")
+
+
+def _failure_detail(error: Exception) -> str:
+    if isinstance(error, (ValueError, ImageDecodeError, TimeoutError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,109 @@
+"""What the store keeps of a classifier: its record, a stored format of its own.
+
+The record is not the public resource (`service.api.schemas.Classifier` is built from it), so an
+API change cannot silently change what is on disk. `schema_version` names the format; records
+written before it existed (no field) are version 1 and load unchanged.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.options import HeadOptions, TrainingOptions
+
+#: The format this code writes. 1: records before `schema_version` existed (same fields).
+SCHEMA_VERSION = 2
+
+Status = Literal["queued", "training", "ready", "failed", "cancelled"]
+ACTIVE_STATUSES = ("queued", "training")
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Stored(BaseModel):
+    # NB: fields a newer writer added are kept, not refused, so a rolling upgrade can read them.
+    model_config = ConfigDict(extra="allow")
+
+
+class SkippedFile(Stored):
+    path: str
+    reason: str
+
+
+class DatasetInfo(Stored):
+    images: int
+    per_label: dict[str, int]
+    skipped: list[SkippedFile] = []
+    skipped_total: int | None = None  # when `skipped` holds only the first entries
+
+
+class Progress(Stored):
+    stage: str
+    images_done: int | None = None
+    images_total: int | None = None
+    epoch: int | None = None
+    max_epochs: int | None = None
+    val_accuracy: float | None = None
+    candidate: str | None = None
+    history: list[dict[str, Any]] = []
+
+
+class Metrics(Stored):
+    val_accuracy: float
+    val_loss: float
+
+
+class Backbone(Stored):
+    name: str
+    weights: str
+    image_size: int
+    features: str | None = None
+    source: str | None = None
+    fingerprint: str | None = None
+
+
+class Error(Stored):
+    title: str
+    detail: str
+
+
+class Lease(Stored):
+    """Which worker runs the job, and when it last said so. A lease older than
+    `lease_seconds` means the worker is gone."""
+
+    owner: str
+    heartbeat_at: datetime
+
+    def expired(self, lease_seconds: float, now: datetime | None = None) -> bool:
+        return ((now or utc_now()) - self.heartbeat_at).total_seconds() > lease_seconds
+
+
+class ClassifierRecord(Stored):
+    """A classifier and its job's bookkeeping, as stored in `classifiers/{id}/record.json`."""
+
+    schema_version: int = 1
+    id: str
+    name: str
+    status: Status
+    labels: list[str]
+    created_at: datetime
+    updated_at: datetime
+    dataset: DatasetInfo
+    progress: Progress | None = None
+    metrics: Metrics | None = None
+    backbone: Backbone | None = None
+    error: Error | None = None
+    options: TrainingOptions
+    attempts: int = 0
+    lease: Lease | None = None
+    run: str | None = Field(None, description="The training run whose head and report are current")
+    head: HeadOptions | None = None
+    training_seconds: float | None = None
+
+    def to_json(self) -> bytes:
+        return self.model_copy(update={"schema_version": SCHEMA_VERSION}).model_dump_json().encode()
