@@ -470,7 +470,7 @@ def test_restart_keeps_classifiers_and_requeues_interrupted_jobs(tmp_path, app, 
     'training' by a dead process is run again."""
     import shutil
 
-    from service.api.schemas import ClassifierRecord
+    from service.storage.records import ClassifierRecord
 
     root = tmp_path / "store"
     shutil.copytree(app.extensions["headstart"].store.blobs.root, root)
