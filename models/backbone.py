@@ -64,6 +64,7 @@ class Backbone:
         self._taps = keras.Model(
             model.input, [model.get_layer(name).output
                           for name in ("block4_pool", "block5_conv3", "block5_pool")])
+        self._lower: dict[str, object] = {}
         self.passes = 0  # images sent through the base, for metrics
         self._passes_lock = threading.Lock()
         size = identity.image_size
@@ -73,12 +74,26 @@ class Backbone:
         )
 
     def _forward(self, images: tf.Tensor) -> tf.Tensor:
-        block4, block5, pooled = self._taps(keras.applications.vgg16.preprocess_input(images),
-                                            training=False)
-        block4, block5, pooled = (tf.cast(t, tf.float32) for t in (block4, block5, pooled))
-        return tf.concat([tf.reduce_mean(block4, axis=[1, 2]), tf.reduce_mean(block5, axis=[1, 2]),
-                          tf.reduce_max(block5, axis=[1, 2]), tf.reduce_mean(pooled, axis=[1, 2])],
-                         axis=-1)
+        return pool_features(*self._taps(keras.applications.vgg16.preprocess_input(images),
+                                         training=False))
+
+    def activation_shape(self, layer: str) -> tuple[int, int, int]:
+        """(h, w, c) of a layer's output: where fine-tuned blocks take over."""
+        return tuple(self.model.get_layer(layer).output.shape[1:])
+
+    def activations(self, images: np.ndarray, layer: str) -> np.ndarray:
+        """float16 (batch, h, w, c) output of `layer` ("block3_pool" or "block4_pool"): the
+        frozen blocks' part of a pass, cached once per (image, view) for fine-tuning."""
+        if layer not in self._lower:
+            lower = keras.Model(self.model.input, self.model.get_layer(layer).output)
+            size = self.image_size
+            self._lower[layer] = tf.function(
+                lambda x: tf.cast(lower(keras.applications.vgg16.preprocess_input(x),
+                                        training=False), tf.float16),
+                input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
+        with self._passes_lock:
+            self.passes += len(images)
+        return self._lower[layer](tf.convert_to_tensor(images, tf.float32)).numpy()
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """Runs the base once over a batch.
@@ -101,6 +116,16 @@ class Backbone:
         """Runs the compiled function once so the first request does not pay for tracing."""
         for batch in batch_sizes:
             self._compiled(tf.zeros((batch, self.image_size, self.image_size, 3), tf.float32))
+
+
+def pool_features(block4_pool: tf.Tensor, block5_conv3: tf.Tensor,
+                  block5_pool: tf.Tensor) -> tf.Tensor:
+    """The FEATURES vector, float32 (batch, 2048), from the three tapped activations."""
+    block4, block5, pooled = (tf.cast(t, tf.float32) for t in (block4_pool, block5_conv3,
+                                                                block5_pool))
+    return tf.concat([tf.reduce_mean(block4, axis=[1, 2]), tf.reduce_mean(block5, axis=[1, 2]),
+                      tf.reduce_max(block5, axis=[1, 2]), tf.reduce_mean(pooled, axis=[1, 2])],
+                     axis=-1)
 
 
 def _grow_gpu_memory() -> None:
