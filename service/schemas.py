@@ -76,6 +76,9 @@ class ProgressOut(BaseModel):
     max_epochs: int | None = None
     val_accuracy: float | None = None
     candidate: str | None = Field(None, description='Head candidate being trained, e.g. "2/4"')
+    history: list[EpochRow] = Field(
+        default_factory=list, description="The learning curve of the fit now running, one row "
+                                          "per epoch so far (a new fit starts a new one)")
 
 
 class MetricsOut(BaseModel):
