@@ -14,6 +14,7 @@ from flask import Blueprint, Flask, Response, current_app, g, json, request, sen
 from service import jobs
 from service.auth import load_api_keys, require_api_keys
 from service.errors import HeadstartError, register_error_handlers
+from service.events import StreamSlots
 from service.limits import UploadLimiter
 from service.metrics import CONTENT_TYPE, Metrics
 from service.openapi import DOCS_HTML, build_document, documented
@@ -127,6 +128,7 @@ def create_app(settings: Settings | None = None, *,
                    lambda: backbone.queued_images)
     app.extensions["headstart"] = services_
     app.extensions["headstart.uploads"] = UploadLimiter(settings.max_concurrent_uploads)
+    app.extensions["headstart.event_streams"] = StreamSlots(settings.max_event_streams)
 
     register_error_handlers(app)
     _instrument(app, metrics_)

@@ -7,11 +7,11 @@ import json
 from flask import Blueprint, Response, current_app, request, url_for
 from pydantic import BaseModel, ValidationError
 
-from service import jobs
+from service import events, jobs
 from service.errors import BadRequest, Unprocessable
 from service.openapi import documented
-from service.schemas import (Classifier, ClassifierList, PredictionResponse, PredictQuery,
-                             PredictRequest, Report, TrainingOptions)
+from service.schemas import (Classifier, ClassifierList, EventsQuery, PredictionResponse,
+                             PredictQuery, PredictRequest, Report, TrainingOptions)
 
 api = Blueprint("v1", __name__, url_prefix="/v1")
 
@@ -104,6 +104,25 @@ def get_classifier(classifier_id: str):
 def get_report(classifier_id: str):
     """Get the training report of a finished classifier."""
     return json_response(jobs.get_report(services(), classifier_id))
+
+
+@api.get("/classifiers/<classifier_id>/events")
+@documented(query=EventsQuery, responses={200: "text/event-stream", 204: None, 400: None,
+                                          404: None, 422: None, 503: None})
+def classifier_events(classifier_id: str):
+    """Follow a classifier as server-sent events: status, progress, epoch, version, done.
+
+    Resume with the `Last-Event-ID` header (or `?last_event_id=`); 204 when a resumed stream
+    has nothing left to send. The stream ends after `done`, or after the server's time limit.
+    """
+    query = parse(EventsQuery, request.args.to_dict(), "query")
+    stream = events.follow(services().store, services().settings,
+                           current_app.extensions["headstart.event_streams"], classifier_id,
+                           request.headers.get("Last-Event-ID") or query.last_event_id)
+    if stream is None:
+        return Response(status=204)
+    return Response(stream, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @api.post("/classifiers/<classifier_id>/predict")

@@ -176,6 +176,12 @@ class PredictQuery(Strict):
     top_k: int = Field(5, ge=1, le=1000, description="How many labels to list per image")
 
 
+class EventsQuery(Strict):
+    last_event_id: str | None = Field(
+        None, max_length=200, description="Resume after this event id, for clients that cannot "
+                                          "send the Last-Event-ID header (which wins)")
+
+
 # ---------------------------------------------------------------- report
 
 
