@@ -138,7 +138,8 @@ def changes(record: dict[str, Any] | None, cursor: Cursor | None,
     state = replace(state, fit=fit, rows=max(done, len(rows)))
     digest = _checksum(progress) if progress else 0
     if progress and digest != state.progress:
-        last = {name: value for name, value in rows[-1].items() if name != "epoch"} if rows else None
+        last = {name: value for name, value in rows[-1].items() if name != "epoch"} \
+            if rows else None
         send("progress", {**progress, "metrics": last}, progress=digest)
     finished = status not in ACTIVE and not progress
     state = replace(state, progress=digest, done=state.done and finished)

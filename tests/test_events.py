@@ -17,6 +17,7 @@ import pytest
 from models import training
 from models.augmentation import Augmentation
 from models.heads import HeadSpec
+from service.client import Client
 from service.events import (Cursor, EventStream, RecordUnavailable, StreamSlots, changes,
                             follow, stream)
 from service.errors import BadRequest, NotFound, ServiceUnavailable
@@ -266,6 +267,7 @@ def test_training_reports_the_running_fits_rows_and_extraction_from_zero(backbon
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("events")
     with start_server(tmp, HEADSTART_MAX_EVENT_STREAMS="2", HEADSTART_EVENT_KEEPALIVE_S="1",
+                      HEADSTART_EVENT_STREAM_MAX_S="4",
                       HEADSTART_API_KEYS=f"{ADMIN_KEY}:admin,{PREDICT_KEY}:predict") as live:
         yield live
 
@@ -301,7 +303,8 @@ def test_a_training_job_streams_extraction_epochs_and_done_to_a_predict_key(serv
         "max_epochs": 150, "patience": 150, "learning_rate": 1e-5,
         "augmentation": {"views": 3}, "head": {"hidden_units": 0, "dropout": 0.1, "l2": 0.001}})
 
-    events = events_of(follow_http(server.url, classifier_id))
+    with Client(server.url, PREDICT_KEY) as client:  # reconnects as each 4 s stream ends
+        events = list(client.events(classifier_id))
 
     extraction = [e.data["images_done"] for e in events
                   if e.kind == "progress" and e.data["stage"] == "extracting"
@@ -314,7 +317,9 @@ def test_a_training_job_streams_extraction_epochs_and_done_to_a_predict_key(serv
     assert events[-1].kind == "done" and events[-1].data["status"] == "ready"
     assert events[-1].data["metrics"]["val_accuracy"] >= 0
     ids = [sse.order(e.id) for e in events]
-    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)  # nothing repeated on reconnecting
+    streams = server.log.read_text().count(f"GET /v1/classifiers/{classifier_id}/events")
+    assert streams >= 2, "the job outlasted one stream, so the client must have reconnected"
 
 
 @pytest.fixture
