@@ -153,7 +153,8 @@ def stream(read_record: Callable[[], dict[str, Any] | None], classifier_id: str,
            cursor: Cursor | None = None, first: dict[str, Any] | None = None,
            clock: Callable[[], float] = time.monotonic,
            sleep: Callable[[float], None] = time.sleep, poll_s: float = 0.5,
-           keepalive_s: float = 15.0, max_s: float = 300.0) -> Iterator[str]:
+           keepalive_s: float = 15.0, max_s: float = 300.0,
+           stopping: Callable[[], bool] = lambda: False) -> Iterator[str]:
     """The text of an event stream: events as the record changes, keep-alive comments, the end.
 
     Args:
@@ -163,6 +164,7 @@ def stream(read_record: Callable[[], dict[str, Any] | None], classifier_id: str,
         first: the record as already read (by the caller, to answer 404 before streaming).
         poll_s: how often the record is read; keepalive_s: longest silence before a `:` comment;
         max_s: the stream ends after this long, and the client reconnects with its last id.
+        stopping: True ends the stream at its next reading (the server is shutting down).
     """
     started = last_sent = clock()
     yield f"retry: {RECONNECT_MS}\n\n"
@@ -182,6 +184,9 @@ def stream(read_record: Callable[[], dict[str, Any] | None], classifier_id: str,
         now = clock()
         if now - started >= max_s:
             yield ": the stream reached its time limit; reconnect with Last-Event-ID\n\n"
+            return
+        if stopping():
+            yield ": the server is shutting down; reconnect with Last-Event-ID\n\n"
             return
         if now - last_sent >= keepalive_s:
             yield ": keep-alive\n\n"
@@ -205,13 +210,22 @@ def _checksum(value: Any) -> int:
 
 
 class StreamSlots:
-    """At most `limit` event streams are open at once in this process: each holds a thread."""
+    """At most `limit` event streams are open at once in this process: each holds a thread.
+    `shut_down()` ends them all at their next reading, and refuses new ones."""
 
     def __init__(self, limit: int):
         if limit < 1:
             raise ValueError(f"the event stream limit must be at least 1. Received: limit={limit}")
         self.limit = limit
         self._slots = threading.BoundedSemaphore(limit)
+        self._stopping = threading.Event()
+
+    def shut_down(self) -> None:
+        """Safe from a signal handler: it only sets a flag."""
+        self._stopping.set()
+
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def take(self) -> Callable[[], None]:
         """Takes a slot and returns the function that gives it back (safe to call twice).
@@ -219,6 +233,10 @@ class StreamSlots:
         Raises:
             ServiceUnavailable: every slot is taken (with a Retry-After header).
         """
+        if self.stopping():
+            raise ServiceUnavailable("this server is shutting down; try another, or again in "
+                                     f"{RETRY_AFTER_S} s",
+                                     headers={"Retry-After": str(RETRY_AFTER_S)})
         if not self._slots.acquire(blocking=False):
             raise ServiceUnavailable(
                 f"{self.limit} event streams are already open on this server; try again in "
@@ -283,7 +301,8 @@ def follow(store, settings, slots: StreamSlots, classifier_id: str,
             raise RecordUnavailable(error.detail) from None
 
     text = stream(read, classifier_id, cursor=cursor, first=first, poll_s=settings.event_poll_s,
-                  keepalive_s=settings.event_keepalive_s, max_s=settings.event_stream_max_s)
+                  keepalive_s=settings.event_keepalive_s, max_s=settings.event_stream_max_s,
+                  stopping=slots.stopping)
     return EventStream(text, release)
 
 

@@ -1,6 +1,7 @@
 """gunicorn settings for Headstart. Every value can be overridden on the command line."""
 
 import os
+import signal
 
 from service.settings import Settings
 
@@ -39,3 +40,16 @@ logconfig_dict = {
         "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
     },
 }
+
+
+def post_worker_init(worker):
+    """On SIGTERM, event streams end at once (their clients reconnect, to another replica), so
+    they never hold up the graceful shutdown that lets other requests finish."""
+    streams = worker.wsgi.extensions["headstart.event_streams"]
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def end_streams_then_stop(signum, frame):
+        streams.shut_down()
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, end_streams_then_stop)

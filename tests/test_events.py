@@ -4,6 +4,7 @@ curve the training loop reports, and the endpoint through a real gunicorn with a
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -157,6 +158,16 @@ def test_keep_alive_comments_fill_silence_and_the_duration_is_capped():
     assert "reconnect with Last-Event-ID" in comments[-1]
     assert messages[0].retry == 1000  # EventSource's reconnection delay
     assert "done" not in [message.kind for message in messages]
+
+
+def test_a_server_shutting_down_ends_its_streams_and_opens_no_more():
+    messages = run([LIFE[5]], stopping=lambda: True)
+    assert [m.kind for m in messages if m.kind][-1] == "progress"  # what there was, then the end
+    assert "the server is shutting down" in messages[-1].comments[0]
+    slots = StreamSlots(2)
+    slots.shut_down()
+    with pytest.raises(ServiceUnavailable, match="shutting down"):
+        slots.take()
 
 
 def test_a_deleted_classifier_ends_the_stream_with_done_deleted():
@@ -422,3 +433,27 @@ def test_openapi_documents_the_stream(server):
     assert operation["summary"].startswith("Follow a classifier as server-sent events")
     assert {p["name"] for p in operation["parameters"]} == {"classifier_id", "last_event_id"}
     assert json.dumps(operation["responses"]["503"]).count("problem+json") == 1
+
+
+def test_sigterm_ends_open_streams_at_once_and_the_server_exits_0(server, held_record):
+    """Last here: it stops the module's server. Streams would otherwise hold up the graceful
+    shutdown (60 s) that lets other requests finish."""
+    _, classifier = held_record
+    started, messages = threading.Event(), []
+
+    def follow() -> None:
+        with open_when_free(f"{server.url}/v1/classifiers/{classifier.id}/events") as response:
+            for message in sse.parse(response.iter_lines()):
+                messages.append(message)
+                started.set()
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    assert started.wait(30)
+    stopping = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    reader.join(30)
+
+    assert server.process.wait(timeout=30) == 0
+    assert time.monotonic() - stopping < 20
+    assert "the server is shutting down; reconnect with Last-Event-ID" in messages[-1].comments
