@@ -466,3 +466,7 @@ def _size(count: int) -> str:
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1000
     return f"{count} B"
+
+
+if __name__ == "__main__":  # python -m service.cli, where the console script is not installed
+    main()
