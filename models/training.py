@@ -63,6 +63,9 @@ class Progress:
     max_epochs: int | None = None
     val_accuracy: float | None = None
     candidate: str | None = None      # "2/4" while several heads are tried
+    # The learning curve of the fit now running, one row per epoch so far: epoch, loss,
+    # accuracy, val_loss, val_accuracy. A new fit (the next candidate) starts a new history.
+    history: tuple[dict, ...] = ()
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -332,6 +335,7 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
         return lambda done: on_progress(Progress("extracting", images_done=offset + done,
                                                  images_total=total))
 
+    extraction_progress(0)(0)  # the total is known before the first (slow) batch
     views = config.augmentation.views
     train_features = extract_features(
         [images[i] for i in train_idx], backbone, views=views, augmentation=config.augmentation,
@@ -350,10 +354,13 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
     fits = []
     for number, spec in enumerate(config.heads, start=1):
         candidate = f"{number}/{len(config.heads)}" if len(config.heads) > 1 else None
+        rows: list[dict] = []
 
-        def on_epoch(epoch: int, logs: dict, candidate=candidate) -> None:
+        def on_epoch(epoch: int, logs: dict, candidate=candidate, rows=rows) -> None:
+            rows.append(dict(logs))
             on_progress(Progress("training", epoch=epoch, max_epochs=config.max_epochs,
-                                 val_accuracy=logs.get("val_accuracy"), candidate=candidate))
+                                 val_accuracy=logs.get("val_accuracy"), candidate=candidate,
+                                 history=tuple(rows)))
 
         fits.append(fit_head(spec, x_train, y_train, val_features, y_val, len(label_names),
                              config, on_epoch=on_epoch, should_stop=should_stop))

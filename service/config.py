@@ -96,6 +96,21 @@ class Settings(BaseSettings):
     max_concurrent_uploads: int = Field(
         4, gt=0, description="Dataset uploads processed at once per process; more get 503 "
                              "with Retry-After")
+    # Server-sent events (GET /v1/classifiers/{id}/events): each open stream holds a thread.
+    max_event_streams: int = Field(
+        32, ge=1, le=1000, description="Event streams open at once per process; more get 503 "
+                                       "with Retry-After. gunicorn gets this many threads on "
+                                       "top of HEADSTART_WEB_THREADS, so streams never take "
+                                       "the threads other requests need")
+    event_stream_max_s: float = Field(
+        300.0, gt=0, description="Longest an event stream stays open; clients reconnect with "
+                                 "Last-Event-ID and lose nothing")
+    event_keepalive_s: float = Field(
+        15.0, gt=0, description="A comment line is sent after this long without an event, so "
+                                "proxies keep the connection and dead clients are noticed")
+    event_poll_s: float = Field(
+        0.5, gt=0, le=60, description="How often an event stream reads the classifier's record "
+                                      "from the store")
 
     @field_validator("api_keys_file", mode="before")
     @classmethod

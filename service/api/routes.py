@@ -8,11 +8,11 @@ from flask import Blueprint, Response, current_app, request, url_for
 from pydantic import BaseModel, ValidationError
 
 from service.api.openapi import documented
-from service.api.schemas import (Classifier, ClassifierList, LabelScore, ListQuery, Prediction,
-                                 PredictionResponse, PredictQuery, PredictRequest, Report,
-                                 TrainingOptions)
+from service.api.schemas import (Classifier, ClassifierList, EventsQuery, LabelScore, ListQuery,
+                                 Prediction, PredictionResponse, PredictQuery, PredictRequest,
+                                 Report, TrainingOptions)
 from service.errors import BadRequest, Unprocessable
-from service.jobs import classifiers, prediction
+from service.jobs import classifiers, events, prediction
 from service.jobs.services import Services
 
 api = Blueprint("v1", __name__, url_prefix="/v1")
@@ -111,6 +111,31 @@ def get_report(classifier_id: str):
     """Get the training report of a finished classifier."""
     return json_response(Report.model_validate_json(
         classifiers.get_report(services(), classifier_id)))
+
+
+@api.get("/classifiers/<classifier_id>/events")
+@documented(query=EventsQuery, responses={200: "text/event-stream", 204: None, 400: None,
+                                          404: None, 422: None, 503: None})
+def classifier_events(classifier_id: str):
+    """Follow a classifier as server-sent events: status, progress, epoch, version, done.
+
+    Resume with the `Last-Event-ID` header (or `?last_event_id=`); 204 when a resumed stream
+    has nothing left to send. The stream ends after `done`, or after the server's time limit.
+    """
+    query = parse(EventsQuery, request.args.to_dict(), "query")
+    wiring = services()  # NB: the stream is read after the request context has gone
+
+    def resource() -> dict:
+        record = classifiers.get_classifier(wiring, classifier_id)
+        return Classifier.from_record(record).model_dump(mode="json")
+
+    stream = events.follow(resource, wiring.settings,
+                           current_app.extensions["headstart.event_streams"], classifier_id,
+                           request.headers.get("Last-Event-ID") or query.last_event_id)
+    if stream is None:
+        return Response(status=204)
+    return Response(stream, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @api.post("/classifiers/<classifier_id>/predict")

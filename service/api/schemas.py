@@ -37,6 +37,9 @@ class ProgressOut(BaseModel):
     max_epochs: int | None = None
     val_accuracy: float | None = None
     candidate: str | None = Field(None, description='Head candidate being trained, e.g. "2/4"')
+    history: list[EpochRow] = Field(
+        default_factory=list, description="The learning curve of the fit now running, one row "
+                                          "per epoch so far (a new fit starts a new one)")
 
 
 class MetricsOut(BaseModel):
@@ -125,6 +128,12 @@ class ListQuery(Strict):
 
 class PredictQuery(Strict):
     top_k: int = Field(5, ge=1, le=1000, description="How many labels to list per image")
+
+
+class EventsQuery(Strict):
+    last_event_id: str | None = Field(
+        None, max_length=200, description="Resume after this event id, for clients that cannot "
+                                          "send the Last-Event-ID header (which wins)")
 
 
 # ---------------------------------------------------------------- report
