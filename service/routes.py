@@ -7,7 +7,7 @@ import json
 from flask import Blueprint, Response, current_app, request, url_for
 from pydantic import BaseModel, ValidationError
 
-from service import jobs
+from service import jobs, plots
 from service.errors import BadRequest, Unprocessable
 from service.openapi import documented
 from service.schemas import (Classifier, ClassifierList, PredictionResponse, PredictQuery,
@@ -130,3 +130,29 @@ def delete_classifier(classifier_id: str):
     """Delete a classifier, cancelling its training if it is running."""
     jobs.delete_classifier(services(), classifier_id)
     return Response(status=204)
+
+
+def _svg(document: str, filename: str) -> Response:
+    # NB: an SVG opened on its own is a document of this origin; it needs nothing, so it may run
+    # nothing, whatever a label says.
+    return Response(document, mimetype="image/svg+xml", headers={
+        "Content-Disposition": f'inline; filename="{filename}"',
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
+
+
+@api.get("/classifiers/<classifier_id>/report/curves.svg")
+@documented(responses={200: "image/svg+xml", 404: None, 409: None})
+def get_report_curves(classifier_id: str):
+    """Training and validation loss and accuracy per epoch, as an SVG image."""
+    report = jobs.get_report(services(), classifier_id).model_dump(mode="json")
+    name = jobs.get_classifier(services(), classifier_id).name
+    return _svg(plots.curves_svg(report, name), f"{classifier_id}-curves.svg")
+
+
+@api.get("/classifiers/<classifier_id>/report/confusion.svg")
+@documented(responses={200: "image/svg+xml", 404: None, 409: None})
+def get_report_confusion(classifier_id: str):
+    """The validation confusion matrix as a heat map, as an SVG image."""
+    report = jobs.get_report(services(), classifier_id).model_dump(mode="json")
+    name = jobs.get_classifier(services(), classifier_id).name
+    return _svg(plots.confusion_svg(report, name), f"{classifier_id}-confusion.svg")
