@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flask import Blueprint, Flask, Response, current_app, g, json, request, send_from_directory
 
-from service import jobs
+from service import jobs, web
 from service.auth import load_api_keys, require_api_keys
 from service.errors import HeadstartError, register_error_handlers
 from service.limits import UploadLimiter
@@ -133,6 +133,7 @@ def create_app(settings: Settings | None = None, *,
     require_api_keys(app, api_keys)
     app.register_blueprint(api)
     app.register_blueprint(ops)
+    app.register_blueprint(web.blueprint, api_keys=api_keys)
     app.extensions["headstart.openapi"] = build_document(app, "Headstart", VERSION)
 
     backbone.start()
