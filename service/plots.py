@@ -59,8 +59,8 @@ def _number(value: float) -> str:
 def _document(width: int, height: int, title: str, body: Iterable[str]) -> str:
     return "\n".join([
         '<?xml version="1.0" encoding="UTF-8"?>',
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="{FONT}" role="img">',
+        (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+         f'viewBox="0 0 {width} {height}" font-family="{FONT}" role="img">'),
         f"<title>{text(title)}</title>",
         f'<rect width="{width}" height="{height}" fill="#ffffff"/>',
         *body,
@@ -87,8 +87,8 @@ def _panel(x0: float, y0: float, width: float, height: float, title: str,
     def py(value: float) -> float:
         return y0 + height - (value - y_low) / (y_high - y_low) * height
 
-    out = [f'<text x="{x0}" y="{y0 - 14}" font-size="14" font-weight="600" fill="{INK}">'
-           f"{text(title)}</text>"]
+    out = [(f'<text x="{x0}" y="{y0 - 14}" font-size="14" font-weight="600" fill="{INK}">'
+            f"{text(title)}</text>")]
     for tick in y_ticks:
         y = py(tick)
         out.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + width}" y2="{y:.1f}" '
@@ -149,8 +149,8 @@ def curves_svg(report: dict[str, Any], name: str | None = None) -> str:
     width, height = 760, 330
     name = name or report.get("classifier_id") or "classifier"
     title = f"Learning curves: {name}"
-    body = [f'<text x="24" y="28" font-size="16" font-weight="600" fill="{INK}">'
-            f"{text(title)}</text>"]
+    body = [(f'<text x="24" y="28" font-size="16" font-weight="600" fill="{INK}">'
+             f"{text(title)}</text>")]
     legend_x = width - 250
     for i, (label, colour) in enumerate((("training", TRAIN), ("validation", VALIDATION))):
         x = legend_x + i * 110
@@ -197,10 +197,10 @@ def confusion_svg(report: dict[str, Any], name: str | None = None) -> str:
     height = top + n * cell + 60
     name = name or report.get("classifier_id") or "classifier"
     title = f"Confusion matrix: {name}"
-    body = [f'<text x="24" y="28" font-size="16" font-weight="600" fill="{INK}">'
-            f"{text(title)}</text>",
-            f'<text x="24" y="48" font-size="12" fill="{MUTED}">Validation images; rows: true '
-            "label, columns: predicted label; shade: share of the row</text>"]
+    body = [(f'<text x="24" y="28" font-size="16" font-weight="600" fill="{INK}">'
+             f"{text(title)}</text>"),
+            (f'<text x="24" y="48" font-size="12" fill="{MUTED}">Validation images; rows: true '
+             "label, columns: predicted label; shade: share of the row</text>")]
     if n == 0 or len(matrix) != n:
         body.append(f'<text x="{width / 2}" y="{height / 2}" font-size="14" fill="{MUTED}" '
                     'text-anchor="middle">No confusion matrix in this report</text>')

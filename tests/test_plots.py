@@ -1,6 +1,6 @@
-"""The report's pictures: pure SVG drawing (service/plots.py), and the two routes that serve them."""
+"""The report's pictures: pure SVG drawing (service/plots.py), and the routes that serve them."""
 
-import xml.etree.ElementTree as ElementTree
+from xml.etree import ElementTree
 
 import pytest
 
