@@ -76,6 +76,6 @@ def docs():
 
 @ops.get("/docs/static/<path:filename>")
 def docs_static(filename: str):
-    from swagger_ui_bundle import swagger_ui_path
+    from importlib.resources import files
 
-    return send_from_directory(swagger_ui_path, filename)
+    return send_from_directory(files("flask_swagger_ui") / "dist", filename)

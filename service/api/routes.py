@@ -7,11 +7,13 @@ import json
 from flask import Blueprint, Response, current_app, request, url_for
 from pydantic import BaseModel, ValidationError
 
+from service.api import plots
 from service.api.openapi import documented
-from service.api.schemas import (Classifier, ClassifierList, EventsQuery, LabelScore, ListQuery,
+from service.api.auth import ADMIN, PREDICT, ApiKey, authorize
+from service.api.schemas import (AuthOut, Classifier, ClassifierList, EventsQuery, LabelScore, ListQuery,
                                  Prediction, PredictionResponse, PredictQuery, PredictRequest,
                                  Report, TrainingOptions)
-from service.errors import BadRequest, Unprocessable
+from service.errors import BadRequest, Forbidden, Unprocessable
 from service.jobs import classifiers, events, prediction
 from service.jobs.services import Services
 
@@ -68,6 +70,23 @@ def _options() -> TrainingOptions:
     if raw is None or not raw.strip():
         return TrainingOptions()
     return parse(TrainingOptions, parse_json(raw, "options"), "options")
+
+
+@api.get("/auth")
+@documented(responses={200: AuthOut})
+def auth():
+    """What the caller's API key may do, and whether keys are required at all."""
+    keys: list[ApiKey] = current_app.extensions["headstart.api_keys"]
+    if not keys:
+        return json_response(AuthOut(scope=ADMIN, keys_required=False))
+    # NB: the key was checked before this view ran (any valid key may GET under /v1), so the
+    # only question left is whether it may do more.
+    try:
+        authorize(keys, request.headers.get("Authorization"), ADMIN)
+        scope = ADMIN
+    except Forbidden:
+        scope = PREDICT
+    return json_response(AuthOut(scope=scope, keys_required=True))
 
 
 @api.post("/classifiers")
@@ -168,3 +187,32 @@ def delete_classifier(classifier_id: str):
     """Delete a classifier, cancelling its training if it is running."""
     classifiers.delete_classifier(services(), classifier_id)
     return Response(status=204)
+
+
+def _report_and_name(classifier_id: str) -> tuple[dict, str]:
+    report = Report.model_validate_json(classifiers.get_report(services(), classifier_id))
+    return report.model_dump(mode="json"), classifiers.get_classifier(services(), classifier_id).name
+
+
+def _svg(document: str, filename: str) -> Response:
+    # NB: an SVG opened on its own is a document of this origin; it needs nothing, so it may run
+    # nothing, whatever a label says.
+    return Response(document, mimetype="image/svg+xml", headers={
+        "Content-Disposition": f'inline; filename="{filename}"',
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
+
+
+@api.get("/classifiers/<classifier_id>/report/curves.svg")
+@documented(responses={200: "image/svg+xml", 404: None, 409: None})
+def get_report_curves(classifier_id: str):
+    """Training and validation loss and accuracy per epoch, as an SVG image."""
+    report, name = _report_and_name(classifier_id)
+    return _svg(plots.curves_svg(report, name), f"{classifier_id}-curves.svg")
+
+
+@api.get("/classifiers/<classifier_id>/report/confusion.svg")
+@documented(responses={200: "image/svg+xml", 404: None, 409: None})
+def get_report_confusion(classifier_id: str):
+    """The validation confusion matrix as a heat map, as an SVG image."""
+    report, name = _report_and_name(classifier_id)
+    return _svg(plots.confusion_svg(report, name), f"{classifier_id}-confusion.svg")

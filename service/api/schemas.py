@@ -120,6 +120,14 @@ class PredictionResponse(BaseModel):
     predictions: list[Prediction]
 
 
+class AuthOut(BaseModel):
+    """What the caller may do. Without keys configured everyone may do everything (admin)."""
+
+    scope: Literal["admin", "predict"] = Field(
+        description="admin: everything; predict: list, get, read reports and predict")
+    keys_required: bool = Field(description="Whether this server asks for an API key")
+
+
 class ListQuery(Strict):
     limit: int = Field(100, ge=1, le=1000, description="Most classifiers in one page")
     cursor: str | None = Field(None, max_length=64,
