@@ -96,6 +96,7 @@ class ClassifierStore:
             new_tag = self.blobs.put_if(key, record.to_json(), tag)
         except (PreconditionFailed, KeyError):
             if self.is_deleted(record.id) or not self.exists(record.id):
+                self.blobs.delete(f"active/{record.id}")  # what this call wrote first
                 raise NotFound(f"classifier {record.id} was deleted") from None
             raise PreconditionFailed(key) from None
         if self.is_deleted(record.id):
