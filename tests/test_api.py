@@ -408,7 +408,7 @@ def test_health_and_readiness(client):
     assert client.get("/startupz").json == {"status": "ok"}
     ready = client.get("/readyz").json
     assert ready["ready"] is True
-    assert ready["checks"] == {"backbone": "ok", "store": "ok", "queue": "ok"}
+    assert ready["checks"] == {"backbone": "ok", "batcher": "ok", "store": "ok", "queue": "ok"}
     assert ready["backbone"]["weights"] == "random"
 
 

@@ -1,4 +1,5 @@
-"""The shared batching queue in front of the backbone, with the real (random, 32 px) backbone."""
+"""The shared batching queue in front of the backbone, with the real (random, 32 px) backbone;
+and what happens when its thread stops: readiness says so, and a new thread takes over."""
 
 import threading
 import time
@@ -29,9 +30,10 @@ class Gate:
         return self.backbone.features(pixels)
 
 
-def batcher(backbone, **overrides) -> FeatureBatcher:
+def batcher(backbone, start: bool = True, **overrides) -> FeatureBatcher:
     options = {"max_batch": 32, "max_wait_s": 0.0, "max_queued": 256, "timeout_s": 10.0}
-    return FeatureBatcher(backbone, **{**options, **overrides})
+    shared = FeatureBatcher(backbone, **{**options, **overrides})
+    return shared.start() if start else shared
 
 
 def test_concurrent_requests_share_passes_and_get_their_own_features(backbone):
@@ -143,3 +145,90 @@ def test_a_failing_head_fails_only_its_request(backbone):
     with pytest.raises(ValueError, match="does not fit"):
         shared.features(images(1), broken)
     assert shared.features(images(1)).shape == (1, backbone.feature_dim)
+
+
+# ---------------------------------------------------------------- the batching thread itself
+
+class AbandonWhileGathering(threading.Condition):
+    """The batcher's condition: the first time the batching thread waits for stragglers (a wait
+    with a timeout, inside `_take_batch`), `during()` runs first, with the lock held."""
+
+    def __init__(self):
+        super().__init__()
+        self.during = lambda: None
+        self.fired = threading.Event()
+
+    def wait(self, timeout=None):
+        if timeout is not None and not self.fired.is_set():
+            self.fired.set()
+            self.during()
+        return super().wait(timeout)
+
+
+def test_requests_that_all_time_out_while_a_pass_gathers_do_not_stop_the_batcher(backbone):
+    """Every request waiting gives up while the pass gathers stragglers: the pass is empty. It
+    used to reach np.concatenate([]) outside the try, which ended the thread for good."""
+    shared = batcher(backbone, start=False, max_wait_s=0.05, timeout_s=0.5)
+    condition = AbandonWhileGathering()
+    shared._cond = condition
+    # Exactly what a request that times out does, at the one moment that empties the pass.
+    condition.during = lambda: shared._abandon(list(shared._pending))
+    shared.start()
+
+    with pytest.raises(ServiceUnavailable, match="did not finish within 0.5 s"):
+        shared.features(images(1))
+    assert condition.fired.is_set()
+    assert shared.alive
+    assert shared.features(images(2)).shape == (2, backbone.feature_dim)
+
+
+class Fatal(BaseException):
+    """Stands for a bug that escapes a pass's error handling (not an `Exception`)."""
+
+
+class DiesOnce:
+    """The real backbone, but its first pass raises `Fatal`."""
+
+    def __init__(self, backbone):
+        self.backbone, self.died = backbone, False
+        self.image_size, self.feature_dim = backbone.image_size, backbone.feature_dim
+
+    def features(self, pixels):
+        if not self.died:
+            self.died = True
+            raise Fatal("a bug in the batching thread")
+        return self.backbone.features(pixels)
+
+
+def test_a_stopped_batcher_fails_its_requests_at_once_and_says_it_is_not_alive(backbone):
+    shared = batcher(DiesOnce(backbone), timeout_s=300)
+
+    with pytest.raises(ServiceUnavailable, match="batching thread stopped .Fatal: a bug"):
+        shared.features(images(1))  # at once, not after its 300 s timeout
+    assert not shared.alive
+    with pytest.raises(ServiceUnavailable, match="batching thread stopped"):
+        shared.features(images(1))  # refused before it is queued
+
+
+def test_readiness_fails_once_for_a_stopped_batcher_which_is_restarted(tmp_path):
+    from service.app import create_app
+    from service.config import Settings
+
+    app = create_app(Settings(store=str(tmp_path / "store"), backbone_weights="random",
+                              image_size=32, weights_cache=tmp_path / "cache"))
+    client, holder = app.test_client(), app.extensions["headstart"].backbone
+    holder.get(wait=True)
+    assert client.get("/readyz").json["checks"]["batcher"] == "ok"
+    first = holder._batcher
+    first.backbone = DiesOnce(first.backbone)  # its next pass ends the thread
+
+    with pytest.raises(ServiceUnavailable, match="batching thread stopped"):
+        holder.features(images(1))
+    assert not first.alive
+    unready = client.get("/readyz")
+    assert unready.status_code == 503
+    assert unready.json["checks"]["batcher"] == \
+        "restarted: the batching thread had stopped (Fatal: a bug in the batching thread)"
+    assert client.get("/readyz").status_code == 200
+    assert holder.features(images(2)).shape == (2, holder.get().feature_dim)
+    assert holder.batcher_restarts == 1
