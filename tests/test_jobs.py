@@ -514,6 +514,32 @@ def test_the_sweep_leaves_a_record_alone_that_changed_after_it_read_it(services,
     assert services.runner.submitted == [classifier_id]  # only the create's
 
 
+def test_the_sweep_keeps_the_index_entry_of_a_classifier_being_created(services):
+    """The index entry is written before the record; a sweep in between finds no record. It
+    used to drop the entry, and the job was then invisible to every later sweep and scrape."""
+    swept = []
+
+    def sweep_in_between(real, key, data, tag):
+        if key.endswith("/record.json") and tag is None and not swept:
+            swept.append(services.store.active_ids())
+            recovery.sweep(services)
+        return real(key, data, tag)
+
+    services.store.blobs.around["put_if"] = sweep_in_between
+    classifier_id = create(services)
+    assert swept == [[classifier_id]]
+    assert services.store.active_ids() == [classifier_id]
+
+
+def test_the_sweep_drops_index_entries_of_deleted_and_long_gone_classifiers(services):
+    deleted, abandoned = create(services), "clf_00000001000000000000"
+    services.store.delete(deleted)
+    services.store.blobs.put(f"active/{deleted}", b"")  # a late writer's entry
+    services.store.blobs.put(f"active/{abandoned}", b"")  # its create died long ago
+    recovery.sweep(services)
+    assert services.store.active_ids() == []
+
+
 def test_the_sweep_and_a_scrape_read_only_the_jobs_in_flight(services, monkeypatch):
     """Twenty finished classifiers and two jobs in flight: a sweep reads two records; so does
     a scrape once the first (full) one is done. Counted on the real store's calls."""

@@ -29,13 +29,20 @@ from service.storage.records import ACTIVE_STATUSES, ClassifierRecord
 
 _ID_PATTERN = re.compile(r"clf_[0-9a-z]{20}")  # NB: fullmatch; "$" would let "\n" through
 
-__all__ = ["ClassifierStore", "PreconditionFailed", "Versioned", "new_classifier_id"]
+__all__ = ["ClassifierStore", "PreconditionFailed", "Versioned", "classifier_age_s",
+           "new_classifier_id"]
 
 
 def new_classifier_id() -> str:
     """Server-generated, time-ordered, unguessable: 'clf_' + 8 time digits + 12 random, base36."""
     stamp = _base36(int(time.time() * 1000)).rjust(9, "0")[-8:]
     return "clf_" + stamp + _base36(secrets.randbits(62)).rjust(12, "0")[-12:]
+
+
+def classifier_age_s(classifier_id: str) -> float:
+    """Seconds since the id was generated, from its time digits (wrap-around aside: 89 years)."""
+    stamp = int(classifier_id[4:12], 36)
+    return (int(time.time() * 1000) - stamp) % 36**8 / 1000
 
 
 def _base36(number: int) -> str:
