@@ -2,8 +2,8 @@
 
 Imported by each worker after fork (never preload: TensorFlow is not fork-safe), so every worker
 builds its own app, loads the backbone once and warms it up. A worker that cannot work (no
-backbone, a store that ignores conditional writes or cannot be checked) logs why and exits with gunicorn's boot-error
-status, so the server stops instead of respawning it.
+backbone, a store that ignores conditional writes or cannot be checked) logs why and exits with
+gunicorn's boot-error status, so the server stops instead of respawning it.
 """
 
 import logging

@@ -223,7 +223,8 @@ class SeaweedS3Server(LocalServer):
                     "volume.port.grpc", "filer.port", "filer.port.grpc")
 
     def __init__(self, port: int, data_dir: str | os.PathLike, access_key: str, secret_key: str,
-                 buckets: list[str] | tuple[str, ...] = (), log_path: str | os.PathLike | None = None,
+                 buckets: list[str] | tuple[str, ...] = (),
+                 log_path: str | os.PathLike | None = None,
                  volume_size_limit_mb: int = 64, max_volumes: int = 16):
         super().__init__(port, data_dir, log_path)
         self.access_key, self.secret_key = access_key, secret_key

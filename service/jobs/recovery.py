@@ -108,7 +108,7 @@ def _active(services: Services, ids: list[str] | None = None):
                 store.drop_from_active(classifier_id)
             continue
         if current.record.status not in ACTIVE_STATUSES:
-            services.store.drop_from_active(classifier_id)
+            store.drop_from_active(classifier_id)
             continue
         yield current
 

@@ -40,7 +40,10 @@ def new_classifier_id() -> str:
 
 
 def classifier_age_s(classifier_id: str) -> float:
-    """Seconds since the id was generated, from its time digits (wrap-around aside: 89 years)."""
+    """Seconds since the id was generated, from its time digits (they wrap every 89 years);
+    infinite for a string that is no classifier id."""
+    if not _ID_PATTERN.fullmatch(classifier_id):
+        return float("inf")
     stamp = int(classifier_id[4:12], 36)
     return (int(time.time() * 1000) - stamp) % 36**8 / 1000
 
