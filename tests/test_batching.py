@@ -18,14 +18,18 @@ def images(count: int) -> np.ndarray:
 
 
 class Gate:
-    """The real backbone behind a gate the test opens, to hold passes back."""
+    """The real backbone behind a gate the test opens, to hold passes back. `held` is set once
+    a pass is waiting at the gate; `held_sizes` are the sizes of passes that reached it."""
 
     def __init__(self, backbone):
-        self.backbone, self.open = backbone, threading.Event()
+        self.backbone, self.open, self.held = backbone, threading.Event(), threading.Event()
+        self.held_sizes: list[int] = []
         self.batch_sizes: list[int] = []
 
     def features(self, pixels):
-        self.open.wait(10)
+        self.held_sizes.append(len(pixels))
+        self.held.set()
+        assert self.open.wait(60)
         self.batch_sizes.append(len(pixels))
         return self.backbone.features(pixels)
 
@@ -36,23 +40,45 @@ def batcher(backbone, start: bool = True, **overrides) -> FeatureBatcher:
     return shared.start() if start else shared
 
 
+def wait_until(condition, timeout: float = 30) -> None:
+    """Waits for a state of the batcher's queue, which sends no event of its own."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the batcher never got there"
+        time.sleep(0.005)
+
+
+def in_thread(call, *args) -> tuple[threading.Thread, list]:
+    """Runs call(*args) on a thread; the list gets its result or the exception it raised."""
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(call(*args))
+        except Exception as error:  # the test asserts on it
+            outcome.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
 def test_concurrent_requests_share_passes_and_get_their_own_features(backbone):
     gate = Gate(backbone)
     shared = batcher(gate)
     requests = [images(1 + i % 3) for i in range(12)]
-    results: dict[int, np.ndarray] = {}
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
-        i, shared.features(requests[i]))) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.3)  # all twelve are queued behind the first pass
+    total = sum(len(pixels) for pixels in requests)
+    running = [in_thread(shared.features, pixels) for pixels in requests]
+    # One pass is held at the gate; every other request waits in the queue behind it.
+    assert gate.held.wait(30)
+    wait_until(lambda: sum(gate.held_sizes) + shared.queued == total)
     gate.open.set()
-    for thread in threads:
-        thread.join(30)
+    for thread, _ in running:
+        thread.join(60)
     assert shared.batches < len(requests)
-    assert sum(gate.batch_sizes) == sum(len(pixels) for pixels in requests)  # no padding
-    for i, pixels in enumerate(requests):
-        np.testing.assert_allclose(results[i], backbone.features(pixels), rtol=1e-4, atol=1e-4)
+    assert sum(gate.batch_sizes) == total  # no padding
+    for pixels, (_, outcome) in zip(requests, running):
+        np.testing.assert_allclose(outcome[0], backbone.features(pixels), rtol=1e-4, atol=1e-4)
 
 
 def test_a_request_larger_than_a_batch_is_split(backbone):
@@ -65,44 +91,37 @@ def test_a_request_larger_than_a_batch_is_split(backbone):
 def test_a_full_queue_refuses_at_once_with_retry_after(backbone):
     gate = Gate(backbone)
     shared = batcher(gate, max_queued=8)
-    holders = [threading.Thread(target=shared.features, args=(images(4),)) for _ in range(3)]
-    for thread in holders:  # one in the (held) pass, two waiting: 8 queued
-        thread.start()
-    time.sleep(0.3)
-    started = time.monotonic()
+    first = in_thread(shared.features, images(4))
+    assert gate.held.wait(30)  # one in the held pass
+    waiting = [in_thread(shared.features, images(4)) for _ in range(2)]
+    wait_until(lambda: shared.queued == 8)  # and two in the queue: full
+
+    # Refused before it waits at all: were it queued, it would wait for the closed gate and
+    # fail with a timeout, not Overloaded.
     with pytest.raises(Overloaded) as refused:
         shared.features(images(1))
-    assert time.monotonic() - started < 0.1
     assert refused.value.status == 503 and refused.value.headers["Retry-After"]
     gate.open.set()
-    for thread in holders:
-        thread.join(30)
+    for thread, outcome in [first, *waiting]:
+        thread.join(60)
+        assert outcome[0].shape == (4, backbone.feature_dim)
     shared.features(images(1))  # drained: accepted again
 
 
 def test_a_request_waits_at_most_its_timeout(backbone):
     gate = Gate(backbone)
     shared = batcher(gate, timeout_s=0.3)
-    outcomes = []
+    blocker, blocked = in_thread(shared.features, images(1))
+    assert gate.held.wait(30)  # its pass is held at the gate
 
-    def held_request():
-        try:
-            shared.features(images(1))
-            outcomes.append("answered")
-        except ServiceUnavailable:
-            outcomes.append("timed out")
-
-    blocker = threading.Thread(target=held_request)
-    blocker.start()
-    time.sleep(0.05)
     started = time.monotonic()
     with pytest.raises(ServiceUnavailable, match="within 0.3 s"):
         shared.features(images(2))
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 5  # its timeout, plus a loaded machine's scheduling
     assert shared.queued == 0  # the abandoned request left the queue
     gate.open.set()
     blocker.join(30)
-    assert outcomes == ["timed out"]  # the request inside the held pass timed out too
+    assert isinstance(blocked[0], ServiceUnavailable)  # the one inside the held pass timed out
 
 
 def test_a_failed_pass_fails_its_requests_and_the_next_pass_works(backbone):
