@@ -36,7 +36,8 @@ class Settings(BaseSettings):
                               "long is taken as lost and re-queued (or failed)")
     worker_metrics_port: int | None = Field(
         None, description="Training workers serve Prometheus metrics on this port when set")
-    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, rclone …)")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, SeaweedFS …)")
     s3_region: str | None = Field(None, description="S3 region; None uses the AWS default chain")
     s3_access_key_id: str | None = Field(None, description="None uses the AWS credential chain")
     s3_secret_access_key: SecretStr | None = Field(None, description="With s3_access_key_id")

@@ -29,13 +29,23 @@ from service.storage.records import ACTIVE_STATUSES, ClassifierRecord
 
 _ID_PATTERN = re.compile(r"clf_[0-9a-z]{20}")  # NB: fullmatch; "$" would let "\n" through
 
-__all__ = ["ClassifierStore", "PreconditionFailed", "Versioned", "new_classifier_id"]
+__all__ = ["ClassifierStore", "PreconditionFailed", "Versioned", "classifier_age_s",
+           "new_classifier_id"]
 
 
 def new_classifier_id() -> str:
     """Server-generated, time-ordered, unguessable: 'clf_' + 8 time digits + 12 random, base36."""
     stamp = _base36(int(time.time() * 1000)).rjust(9, "0")[-8:]
     return "clf_" + stamp + _base36(secrets.randbits(62)).rjust(12, "0")[-12:]
+
+
+def classifier_age_s(classifier_id: str) -> float:
+    """Seconds since the id was generated, from its time digits (they wrap every 89 years);
+    infinite for a string that is no classifier id."""
+    if not _ID_PATTERN.fullmatch(classifier_id):
+        return float("inf")
+    stamp = int(classifier_id[4:12], 36)
+    return (int(time.time() * 1000) - stamp) % 36**8 / 1000
 
 
 def _base36(number: int) -> str:
@@ -96,6 +106,7 @@ class ClassifierStore:
             new_tag = self.blobs.put_if(key, record.to_json(), tag)
         except (PreconditionFailed, KeyError):
             if self.is_deleted(record.id) or not self.exists(record.id):
+                self.blobs.delete(f"active/{record.id}")  # what this call wrote first
                 raise NotFound(f"classifier {record.id} was deleted") from None
             raise PreconditionFailed(key) from None
         if self.is_deleted(record.id):
