@@ -93,12 +93,13 @@ class BackboneHolder:
     def identity(self):
         return self.get().identity
 
-    def features(self, images, then=None):
+    def features(self, images, then=None, upper=None):
         """Backbone features for a request's images through the shared batching queue, with
-        `then` applied to them on the batching thread."""
+        `then` applied to them on the batching thread (`upper`: a fine-tuned classifier's
+        own blocks)."""
         self.get()
         self.check_batcher()
-        return self._batcher.features(images, then)
+        return self._batcher.features(images, then, upper)
 
     def check_batcher(self) -> str:
         """"ok" while the batching thread runs; if it has stopped, starts a new one and says

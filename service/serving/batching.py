@@ -45,6 +45,7 @@ class _Chunk:
 
     images: np.ndarray
     then: Callable[[np.ndarray], np.ndarray] | None = None
+    upper: object | None = None  # a fine-tuned classifier's own blocks (models.finetune)
     done: threading.Event = field(default_factory=threading.Event)
     features: np.ndarray | None = None
     error: BaseException | None = None
@@ -81,15 +82,18 @@ class FeatureBatcher:
         return self._queued
 
     def features(self, images: np.ndarray,
-                 then: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+                 then: Callable[[np.ndarray], np.ndarray] | None = None,
+                 upper=None) -> np.ndarray:
         """Backbone features of `images` (batch, size, size, 3), computed in shared passes, with
-        `then` (e.g. a classifier's head) applied to them on the batching thread.
+        `then` (e.g. a classifier's head) applied to them on the batching thread. `upper` is a
+        fine-tuned classifier's own blocks: its rows share the frozen blocks' pass, then go
+        through them instead of the shared ones.
 
         Raises:
             Overloaded: the queue holds too many images already; retry shortly.
             ServiceUnavailable: the features did not come within `timeout_s`.
         """
-        chunks = [_Chunk(images[start:start + self.max_batch], then)
+        chunks = [_Chunk(images[start:start + self.max_batch], then, upper)
                   for start in range(0, len(images), self.max_batch)]
         with self._cond:
             if not self.alive:
@@ -162,11 +166,20 @@ class FeatureBatcher:
         return ServiceUnavailable(f"the batching thread {why}; retry shortly",
                                   headers={"Retry-After": "1"})
 
+    def _pass(self, batch: list[_Chunk]) -> np.ndarray:
+        images = np.concatenate([chunk.images for chunk in batch])
+        if all(chunk.upper is None for chunk in batch):
+            return self.backbone.features(images)
+        from models.finetune import mixed_pass  # NB: TensorFlow, loaded by now (after fork)
+
+        return mixed_pass(self.backbone, images,
+                          [chunk.upper for chunk in batch for _ in range(len(chunk.images))])
+
     def _loop(self) -> None:
         while True:
             batch = self._take_batch()
             try:
-                features = self.backbone.features(np.concatenate([c.images for c in batch]))
+                features = self._pass(batch)
             except Exception as error:  # handed to the waiting requests, which raise it
                 log.exception("backbone pass failed")
                 for chunk in batch:
