@@ -1,8 +1,15 @@
 """Image decoding and VGG16 input preparation, shared by training and serving.
 
 Training and serving must see an image identically, so both go through `load_image`:
-decode → first frame → EXIF orientation → RGB → resize (bilinear, aspect not kept) → uint8.
+decode → first frame → EXIF orientation → RGB → resize (aspect not kept) → float32.
 `preprocess_input` (VGG16's caffe mode) is applied later, inside the backbone call.
+
+The resize is PIL's antialiased bilinear (triangle) filter written as two fixed linear maps,
+`resize_weights(H, size) @ image @ resize_weights(W, size).T`, and applied in float32 without
+rounding. An exported model (`models.export`) builds the same matrices from the same integer
+formula inside its graph, so TensorFlow, TFLite and ONNX Runtime resize as the service does, to
+float32 rounding (~1e-5 of an intensity level). PIL's own `Image.resize` rounds to uint8 after
+each of its passes, which no graph reproduces; this differs from it by under one level.
 """
 
 from __future__ import annotations
@@ -90,21 +97,73 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize(image: Image.Image, size: int) -> np.ndarray:
-    """Resizes an RGB image to size × size (bilinear, aspect not kept).
+def resize_weights(in_size: int, out_size: int) -> np.ndarray:
+    """The linear map of PIL's bilinear resize along one axis, antialiased when reducing.
+
+    Output sample i is centred at (i + 0.5)·s in input coordinates (s = in_size / out_size) and
+    weighs input sample j by the triangle 1 − |x|, x = (j + 0.5 − centre) / max(s, 1), each row
+    normalised to sum 1: PIL's `precompute_coeffs` for its bilinear filter. The offset is
+    formed exactly in integers, ((2j + 1)·out − (2i + 1)·in) / (2·max(in, out)), so that float32
+    loses nothing to cancellation on large images, and every runtime computes the same values.
 
     Returns:
-        uint8 array of shape (size, size, 3).
+        float32 array (out_size, in_size).
     """
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"Sizes must be positive. Received: in_size={in_size}, "
+                         f"out_size={out_size}")
+    inputs = np.arange(in_size, dtype=np.int64)
+    outputs = np.arange(out_size, dtype=np.int64)
+    offset = (2 * inputs[None, :] + 1) * out_size - (2 * outputs[:, None] + 1) * in_size
+    x = offset.astype(np.float32) / np.float32(2 * max(in_size, out_size))
+    weights = np.maximum(np.float32(1) - np.abs(x), np.float32(0))
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+#: Output rows computed per matrix product in `resize_pixels`: a band of the row map, so the
+#: product touches only the input rows those outputs use (about 1.25× each, not all of them).
+_ROW_BLOCK = 8
+
+
+def resize_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resizes an image to size × size with `resize_weights` (rows, then columns).
+
+    Args:
+        pixels: uint8 or float32 array (height, width, 3).
+
+    Returns:
+        float32 array (size, size, 3), values in 0-255, not rounded.
+    """
+    height, width, channels = pixels.shape
+    row_map, column_map = resize_weights(height, size), resize_weights(width, size)
+    used = row_map > 0
+    first = used.argmax(axis=1)
+    last = height - used[:, ::-1].argmax(axis=1)
+    flat = pixels.reshape(height, width * channels)
+    rows = np.empty((size, width * channels), np.float32)
+    # NB: in blocks, so a large photo is never converted to float32 whole (40 MP: 480 MB).
+    for start in range(0, size, _ROW_BLOCK):
+        stop = min(size, start + _ROW_BLOCK)
+        lo, hi = first[start:stop].min(), last[start:stop].max()
+        rows[start:stop] = row_map[start:stop, lo:hi] @ flat[lo:hi].astype(np.float32)
+    by_channel = rows.reshape(size, width, channels).transpose(0, 2, 1).reshape(-1, width)
+    resized = (by_channel @ column_map.T).reshape(size, channels, size).transpose(0, 2, 1)
+    return np.ascontiguousarray(resized)
+
+
+def resize(image: Image.Image, size: int) -> np.ndarray:
+    """Resizes an RGB image to size × size (`resize_pixels`, aspect not kept).
+
+    Returns:
+        float32 array of shape (size, size, 3), values in 0-255.
+    """
+    return resize_pixels(np.asarray(image, dtype=np.uint8), size)
 
 
 def load_image(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decodes and resizes image bytes: the one path for training and serving.
 
     Returns:
-        uint8 array of shape (size, size, 3), RGB.
+        float32 array of shape (size, size, 3), RGB in 0-255.
     """
     return resize(decode_image(data, max_pixels=max_pixels), size)
