@@ -25,6 +25,7 @@ from service.api.routes import api
 from service.config import Settings
 from service.errors import HeadstartError
 from service.jobs import recovery
+from service.jobs.export import export_builder
 from service.jobs.services import Services
 from service.metrics import Metrics
 from service.serving.backbone import BackboneHolder, batching_options, load_configured_backbone
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, *,
                            full_scan_s=settings.metrics_store_scan_s)
     app.extensions["headstart"] = services
     app.extensions["headstart.uploads"] = UploadLimiter(settings.max_concurrent_uploads)
+    app.extensions["headstart.exports"] = export_builder(services)
 
     register_error_handlers(app)
     _instrument(app, services.metrics)
