@@ -27,6 +27,7 @@ from service.config import Settings
 from service.errors import HeadstartError
 from service.jobs import recovery
 from service.jobs.events import StreamSlots
+from service.jobs.export import export_builder
 from service.jobs.services import Services
 from service.metrics import Metrics
 from service.serving.backbone import BackboneHolder, batching_options, load_configured_backbone
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, *,
     app.extensions["headstart.uploads"] = UploadLimiter(settings.max_concurrent_uploads)
     app.extensions["headstart.api_keys"] = api_keys
     app.extensions["headstart.event_streams"] = StreamSlots(settings.max_event_streams)
+    app.extensions["headstart.exports"] = export_builder(services)
 
     register_error_handlers(app)
     _instrument(app, services.metrics)

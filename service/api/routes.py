@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, current_app, request, url_for
+from flask import Blueprint, Response, current_app, request, send_file, url_for
 from pydantic import BaseModel, ValidationError
 
 from service.api import plots
@@ -14,7 +14,8 @@ from service.api.schemas import (AuthOut, Classifier, ClassifierList, EventsQuer
                                  Prediction, PredictionResponse, PredictQuery, PredictRequest,
                                  Report, TrainingOptions)
 from service.errors import BadRequest, Forbidden, Unprocessable
-from service.jobs import classifiers, events, prediction
+from service.api.schemas import ExportJob, ExportQuery
+from service.jobs import classifiers, events, export, prediction
 from service.jobs.services import Services
 
 api = Blueprint("v1", __name__, url_prefix="/v1")
@@ -216,3 +217,30 @@ def get_report_confusion(classifier_id: str):
     """The validation confusion matrix as a heat map, as an SVG image."""
     report, name = _report_and_name(classifier_id)
     return _svg(plots.confusion_svg(report, name), f"{classifier_id}-confusion.svg")
+# ---------------------------------------------------------------- export
+
+
+@api.get("/classifiers/<classifier_id>/export")
+@documented(query=ExportQuery, responses={200: "application/zip", 202: ExportJob, 404: None,
+                                          409: None, 422: None, 503: None})
+def export_classifier(classifier_id: str):
+    """Export a classifier as a zip: the model, labels.json, model-card.json, README.md.
+
+    `format` is savedmodel, tflite or onnx; the model takes images and returns the service's
+    scores (within 1e-4), resizing and preprocessing inside. An export is built once per
+    version and format: until it is stored the answer is 202 with `Location` (this URL) and
+    `Retry-After`; poll it. Needs an admin key: an export is the whole model.
+    """
+    query = parse(ExportQuery, request.args.to_dict(), "query")
+    result = export.export_classifier(services(), current_app.extensions["headstart.exports"],
+                                      classifier_id, query.format, query.version)
+    if isinstance(result, export.ExportPending):
+        location = url_for("v1.export_classifier", classifier_id=classifier_id,
+                           format=query.format, version=query.version)
+        return json_response(ExportJob(classifier_id=classifier_id, format=query.format,
+                                       version=result.version), 202, Location=location,
+                             **{"Retry-After": str(result.retry_after_s)})
+    response = send_file(result.archive, mimetype="application/zip", as_attachment=True,
+                         download_name=result.filename)
+    response.headers["Content-Length"] = str(result.size)
+    return response

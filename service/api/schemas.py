@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.export import FORMATS as EXPORT_FORMATS
 from models.options import AugmentationOptions, HeadOptions, Strict, TrainingOptions
 from service.storage.records import ClassifierRecord, Status
 
@@ -230,3 +231,23 @@ class Readiness(BaseModel):
     ready: bool
     checks: dict[str, Annotated[str, Field(description='"ok" or the reason it is not')]]
     backbone: BackboneOut | None = None
+
+
+# ---------------------------------------------------------------- export
+
+
+class ExportQuery(Strict):
+    format: Literal[EXPORT_FORMATS] = Field(
+        description="savedmodel (decodes JPEG/PNG/GIF/BMP bytes itself, or takes pixels), tflite "
+                    "or onnx (take pixels)")
+    version: int | None = Field(None, ge=1, description="The version to export; default: the "
+                                                          "served one")
+
+
+class ExportJob(BaseModel):
+    """An export being built: poll the `Location` until it answers 200 with the zip."""
+
+    classifier_id: str
+    format: str
+    version: int
+    status: Literal["building"] = "building"
