@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from models import calibration, health, ood, uncertainty
+from models import calibration, health, ood, trust, uncertainty
 
 # ---------------------------------------------------------------- helpers
 
@@ -34,7 +34,7 @@ def clusters(rng, per_class=60, classes=3, dim=32, spread=1.0, offset=0.0):
 
 
 def test_trust_modules_do_not_import_tensorflow():
-    code = ("import sys, models.calibration, models.ood, models.health, models.uncertainty; "
+    code = ("import sys, models.calibration, models.ood, models.health, models.uncertainty, models.trust; "
             "heavy = [m for m in ('tensorflow', 'keras', 'cleanlab', 'sklearn', 'scipy') "
             "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -169,13 +169,51 @@ def test_feature_scores_separate_an_unseen_cluster(method):
     rng = np.random.default_rng(4)
     features, labels = clusters(rng, per_class=80, classes=3, dim=64)
     train, held_out = np.arange(len(labels)) % 4 != 0, np.arange(len(labels)) % 4 == 0
-    detector = ood.fit(method, features[train], labels[train])
+    options = {"parts": ("all",)} if method == "knn" else {}
+    detector = ood.fit(method, features[train], labels[train], **options)
     outliers, _ = clusters(np.random.default_rng(5), per_class=40, classes=2, dim=64)
     in_scores, out_scores = ood.score(detector, features[held_out]), ood.score(detector, outliers)
     assert ood.auroc(in_scores, out_scores) > 0.99
     detector = ood.with_threshold(detector, in_scores, keep=0.95)
     assert detector.is_out(out_scores).mean() > 0.95
-    assert detector.is_out(in_scores).mean() <= 0.05
+    assert detector.is_out(in_scores).mean() <= 0.1
+
+
+def test_knn_averages_part_distances_scaled_by_their_leave_one_out_medians():
+    rng = np.random.default_rng(12)
+    train = rng.random((40, 2048)).astype(np.float32) ** 3
+    queries = rng.random((3, 2048)).astype(np.float32)
+    detector = ood.fit_knn(train)  # the default parts: block4_avg and pool_avg
+    assert detector.arrays["bank_0"].shape == (40, 512)
+    assert detector.arrays["bank_0"].dtype == np.float16
+
+    def nearest(bank, q, leave_one_out=False):
+        similarity = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (
+            bank / np.linalg.norm(bank, axis=1, keepdims=True)).T
+        if leave_one_out:
+            np.fill_diagonal(similarity, -np.inf)
+        return 1 - similarity.max(axis=1)
+
+    columns = [slice(0, 512), slice(1536, 2048)]
+    scale = [np.median(nearest(train[:, c], train[:, c], True)) for c in columns]
+    expected = np.mean([nearest(train[:, c], queries[:, c]) / s for c, s in zip(columns, scale)],
+                       axis=0)
+    assert ood.score(detector, queries) == pytest.approx(expected, rel=1e-3)
+    # The threshold ranks the 40 leave-one-out scores together with the validation ones.
+    assert ood.with_threshold(detector, np.full(9, 100.0), keep=0.85).threshold == 100.0
+    # ⌈50 · 0.8⌉ = 40th smallest of 49: the largest leave-one-out score
+    assert ood.with_threshold(detector, np.full(9, 100.0), keep=0.8).threshold == pytest.approx(
+        detector.arrays["training_scores"].max())
+    with pytest.raises(ValueError, match="parts"):
+        ood.fit_knn(train, parts=("block6",))
+
+
+def test_feature_parts_follow_the_backbone_layout():
+    from models.backbone import FEATURE_DIM, FEATURES
+
+    order = ["gap(block4_pool)", "gap(block5_conv3)", "gmp(block5_conv3)", "gap(block5_pool)"]
+    assert FEATURES.split("|") == order and FEATURE_DIM == 2048
+    assert list(ood.FEATURE_PARTS.values()) == [(0, 512), (512, 1024), (1024, 1536), (1536, 2048)]
 
 
 def test_logit_scores_follow_their_formulas():
@@ -212,7 +250,8 @@ def test_auroc_hand_values():
 def test_detector_round_trips_through_bytes(method):
     rng = np.random.default_rng(6)
     features, labels = clusters(rng, dim=40)
-    detector = ood.with_threshold(ood.fit(method, features, labels), rng.random(30))
+    options = {"parts": ("all",)} if method == "knn" else {}
+    detector = ood.with_threshold(ood.fit(method, features, labels, **options), rng.random(30))
     restored = ood.from_bytes(ood.to_bytes(detector))
     assert restored.method == method and restored.threshold == detector.threshold
     logits = rng.normal(0, 1, (4, 3))
@@ -387,3 +426,36 @@ def test_suggest_answers_ranked_entries():
     assert uncertainty.suggest(p, ["ant", "bee"], limit=1) == [
         {"index": 1, "uncertainty": 0.9, "label": "ant", "score": 0.55,
          "out_of_distribution": False}]
+
+
+# ---------------------------------------------------------------- trust: the composition
+
+
+def test_fit_trust_rejects_foreign_images_and_survives_storage():
+    rng = np.random.default_rng(13)
+    prototypes = rng.random((2, 2048)) ** 4          # two labels: non-negative "activations"
+    labels = np.repeat([0, 1], 60)
+    features = (prototypes[labels] + 0.05 * rng.random((120, 2048))).astype(np.float32)
+    foreign = (rng.random((20, 2048)) ** 4).astype(np.float32)
+    train, validation = np.arange(120) % 5 != 0, np.arange(120) % 5 == 0
+
+    def head(x):  # a linear head on the difference of the prototypes, a little overconfident
+        gap = 40 * (x @ (prototypes[1] - prototypes[0]) / np.linalg.norm(prototypes[1] - prototypes[0]) ** 2 - 0.5)
+        return calibration.softmax(np.stack([np.zeros(len(x)), gap], axis=1))
+
+    fitted = trust.fit_trust(features[train], labels[train], features[validation],
+                             head(features[validation]), labels[validation])
+    report = fitted.report()
+    assert set(report) == {"calibration", "threshold", "ood"}
+    assert report["ood"]["method"] == "knn"
+    queries = np.concatenate([features[validation][:5], foreign[:5]])
+    calibrated, decisions = trust.decide(fitted, queries, head(queries))
+    assert calibrated.shape == (10, 2)
+    assert [d.rejected for d in decisions] == [False] * 5 + [True] * 5
+    assert {d.reason for d in decisions[5:]} == {calibration.OUT_OF_DISTRIBUTION}
+    _, strict = trust.decide(fitted, queries[:5], head(queries[:5]), threshold=1.0)
+    assert all(d.reason == calibration.LOW_CONFIDENCE for d in strict if d.score < 1.0)
+    restored = trust.from_bytes(trust.to_bytes(fitted))
+    assert restored.report() == report
+    again, decisions_again = trust.decide(restored, queries, head(queries))
+    assert again == pytest.approx(calibrated) and decisions_again == decisions
