@@ -165,9 +165,3 @@ def _spread(labels: np.ndarray, count: int) -> list[int]:
                 chosen.append(int(queue.pop(0)))
     return chosen
 
-
-if __name__ == "__main__":
-    shared = common.locate_shared("/work/shared")
-    weights = common.resolve_weights(shared, None)
-    for dataset in sys.argv[1:] or ["hymenoptera", "flowers5"]:
-        cached_features(dataset, shared, weights, Path("/tmp/headstart-trust"))
