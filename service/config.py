@@ -58,6 +58,11 @@ class Settings(BaseSettings):
         2 * 1024**3, gt=0, description="Most uncompressed bytes in a dataset zip, counted while reading")
     max_image_bytes: int = Field(50 * 1024**2, gt=0, description="Largest single image file")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image, width × height")
+    max_dataset_pixels: int = Field(
+        4_000_000_000, gt=0, description="Most decoded pixels in one dataset, all images together, "
+                                         "counted from their headers before decoding: bounds the "
+                                         "CPU one upload costs")
+    max_labels: int = Field(1_000, ge=2, description="Most labels (top-level folders) in a dataset")
     max_predict_images: int = Field(64, gt=0, description="Most images in one predict request")
     max_predict_bytes: int = Field(
         64 * 1024**2, gt=0, description="Largest predict request body (its own limit, below "

@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import struct
 import time
+import tracemalloc
+import zipfile
 
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from models.preprocessing import ImageDecodeError, decode_image, load_image, read_header
+from service.errors import PayloadTooLarge, Unprocessable
+from service.jobs.datasets import DatasetLimits, read_dataset_zip
 
 # The 54-byte GIF of the issue: its extension block is cut short, so `n_frames` raised struct.error.
 SHORT_GIF = bytes.fromhex(
@@ -152,3 +156,129 @@ def test_a_mutated_image_decodes_or_is_refused_with_a_reason(data):
         assert error.reason
         return
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
+
+
+# ---------------------------------------------------------------- dataset uploads (items 3 and 6)
+
+
+def zip_of(members: dict[str, bytes]) -> io.BytesIO:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    buffer.seek(0)
+    return buffer
+
+
+def four_images(**extra: bytes) -> dict[str, bytes]:
+    return {f"{label}/{i}.png": encoded("PNG", (12 + i, 10)) for label in ("cat", "dog")
+            for i in range(2)} | extra
+
+
+def central_directory_zip(entries: int, declared: int | None = None) -> bytes:
+    """A zip of `entries` central-directory headers (one-letter names, no member data) and an end
+    record declaring `declared` of them (zip64 when `entries` needs it)."""
+    header = struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 20, 3, 20, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+                         0, 0, 0, 0, 0, 0) + b"a"
+    directory = header * entries
+    declared = entries if declared is None else declared
+    if declared < 0xFFFF:
+        end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, declared, declared, len(directory), 0, 0)
+        return directory + end
+    zip64 = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, declared, declared,
+                        len(directory), 0)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, len(directory), 1)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    return directory + zip64 + locator + end
+
+
+def done(response):
+    """The response, read and closed."""
+    response.get_data()
+    response.close()
+    return response
+
+
+def cost(function):
+    """(what function returned or raised, seconds, peak MiB of Python allocations) of a call;
+    timed and traced in two runs, since tracing slows allocation-heavy code many times over.
+    A response it returns is read and closed."""
+    def run():
+        try:
+            result = function()
+        except Exception as error:  # the caller asserts on it
+            return error
+        return done(result) if hasattr(result, "close") else result
+
+    started = time.perf_counter()
+    outcome = run()
+    elapsed = time.perf_counter() - started
+    tracemalloc.start()
+    try:
+        run()
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    return outcome, elapsed, peak
+
+
+@pytest.mark.parametrize("declared", [None, 3], ids=["counted in the end record", "understated"])
+def test_a_million_directory_entries_are_refused_before_zipfile_parses_them(declared):
+    upload = central_directory_zip(1_000_000, declared)  # 47 MB; zipfile took 343 MB and 4.6 s
+
+    raised, elapsed, peak = cost(lambda: read_dataset_zip(io.BytesIO(upload), DatasetLimits()))
+
+    assert isinstance(raised, PayloadTooLarge) and "limit of 20000" in raised.detail
+    assert elapsed < 1 and peak < 20, (elapsed, peak)
+
+
+def test_the_entry_limit_still_counts_a_real_zip_exactly():
+    members = four_images(**{"cat/": b"", "dog/": b""})  # 6 entries
+
+    with pytest.raises(PayloadTooLarge, match="limit of 5"):
+        read_dataset_zip(zip_of(members), DatasetLimits(max_members=5))
+    assert read_dataset_zip(zip_of(members), DatasetLimits(max_members=6)).labels == ["cat", "dog"]
+
+
+def test_more_labels_than_the_limit_are_refused_before_any_image_is_read():
+    folders = {f"label-{i:03d}/": b"" for i in range(999)}  # and cat, dog; 10,000 made a 6.6 GB matrix
+
+    with pytest.raises(Unprocessable, match="1001 labels .* more than the limit of 1000"):
+        read_dataset_zip(zip_of(four_images(**folders)))
+
+
+def test_a_label_name_longer_than_a_file_name_is_refused():
+    with pytest.raises(Unprocessable, match="longer than 255 characters"):
+        read_dataset_zip(zip_of(four_images(**{"x" * 300 + "/1.png": encoded("PNG")})))
+
+
+def test_solid_colour_bitmaps_are_kept_as_small_pngs_that_decode_to_the_same_pixels():
+    bitmap = io.BytesIO()
+    Image.new("RGB", (2_000, 2_000), (20, 140, 60)).save(bitmap, "BMP")  # 12 MB
+    members = {f"{label}/{i}.bmp": bitmap.getvalue() for label in ("cat", "dog") for i in range(2)}
+
+    dataset = read_dataset_zip(zip_of(members))
+
+    assert len(dataset.images) == 4
+    assert sum(len(image.data) for image in dataset.images) < 1_000_000
+    assert np.array_equal(load_image(dataset.images[0].data, 32),
+                          load_image(bitmap.getvalue(), 32))
+
+
+def test_a_dataset_decoding_to_more_pixels_than_the_budget_is_refused_before_decoding():
+    big = encoded("PNG", (1_000, 1_000))
+
+    with pytest.raises(PayloadTooLarge, match="more than 1,500,000 pixels"):
+        read_dataset_zip(zip_of(four_images(**{"cat/big.png": big, "dog/big.png": big})),
+                         DatasetLimits(max_dataset_pixels=1_500_000))
+
+
+def test_thin_bombs_in_a_dataset_are_skipped_at_once():
+    bomb = thin_png(1, 40_000_000)  # eight of them in a 4.3 KB zip took 13.6 s and were accepted
+    members = four_images(**{f"cat/bomb-{i}.png": bomb for i in range(8)})
+    started = time.perf_counter()
+
+    dataset = read_dataset_zip(zip_of(members))
+
+    assert time.perf_counter() - started < 2
+    assert len(dataset.skipped) == 8 and "one side is more than 100" in dataset.skipped[0].reason
