@@ -21,6 +21,7 @@ from service.api.limits import UploadLimiter
 from service.api.openapi import build_document
 from service.api.ops import ops
 from service.api.problems import register_error_handlers
+from service.api.requests import Request
 from service.api.routes import api
 from service.config import Settings
 from service.errors import HeadstartError
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None, *,
     settings = settings or Settings()
     api_keys = load_api_keys(settings)  # first: a bad key configuration stops start-up at once
     app = Flask(__name__)
+    app.request_class = Request
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     Path(settings.weights_cache).mkdir(parents=True, exist_ok=True)
 

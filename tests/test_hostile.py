@@ -4,8 +4,10 @@ through real sockets against a real gunicorn."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
+import tempfile
 import time
 import tracemalloc
 import zipfile
@@ -17,8 +19,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from models.preprocessing import ImageDecodeError, decode_image, load_image, read_header
-from service.errors import PayloadTooLarge, Unprocessable
+from service.app import create_app
+from service.config import Settings
+from service.errors import PayloadTooLarge, ServiceUnavailable, Unprocessable
+from service.jobs import prediction
 from service.jobs.datasets import DatasetLimits, read_dataset_zip
+from tests.helpers import multipart
 
 # The 54-byte GIF of the issue: its extension block is cut short, so `n_frames` raised struct.error.
 SHORT_GIF = bytes.fromhex(
@@ -282,3 +288,173 @@ def test_thin_bombs_in_a_dataset_are_skipped_at_once():
 
     assert time.perf_counter() - started < 2
     assert len(dataset.skipped) == 8 and "one side is more than 100" in dataset.skipped[0].reason
+
+
+# ---------------------------------------------------------------- requests (items 2, 3, 6, 7)
+
+TINY_TRAINING = '{"max_epochs": 2, "augmentation": {"views": 0}, ' \
+                '"head": {"hidden_units": 0, "dropout": 0.1, "l2": 0.001}}'
+MISSING = "/v1/classifiers/clf_00000000000000000000/predict"
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    app = create_app(Settings(store=str(root / "store"), backbone_weights="random", image_size=32,
+                              weights_cache=root / "cache", max_predict_images=8))
+    client = app.test_client()
+    deadline = time.monotonic() + 60
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/readyz").json
+        time.sleep(0.1)
+    yield app
+    # Training that outlives the module would run beside later tests.
+    deadline = time.monotonic() + 120
+    while any(c["status"] in ("queued", "training")
+              for c in client.get("/v1/classifiers").json["classifiers"]):
+        assert time.monotonic() < deadline, "training still running"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return app.test_client()
+
+
+def upload(client, members: dict[str, bytes], options: str = TINY_TRAINING):
+    body, content_type = multipart({"dataset": [("dataset.zip", zip_of(members).getvalue())],
+                                    "options": options})
+    return done(client.post("/v1/classifiers", data=body, content_type=content_type))
+
+
+@pytest.fixture(scope="module")
+def ready(client) -> str:
+    """The predict URL of a trained classifier."""
+    created = upload(client, four_images())
+    assert created.status_code == 202, created.json
+    url = f"/v1/classifiers/{created.json['id']}"
+    deadline = time.monotonic() + 120
+    while (status := client.get(url).json["status"]) != "ready":
+        assert status in ("queued", "training") and time.monotonic() < deadline, status
+        time.sleep(0.1)
+    return url + "/predict"
+
+
+# 1.5 M empty instances in 4.5 MB: 3.4 GB, 17.7 s and a 283 MB 422, with no classifier behind it.
+EMPTY_INSTANCES = b'{"instances": [' + b"{}," * 1_499_999 + b"{}]}"
+
+
+@pytest.mark.parametrize("to", ["missing", "ready"])
+def test_a_body_of_a_million_empty_instances_costs_little(client, ready, to):
+    url = MISSING if to == "missing" else ready
+
+    response, elapsed, peak = cost(lambda: client.post(url, data=EMPTY_INSTANCES,
+                                                       content_type="application/json"))
+
+    assert peak < 100 and elapsed < 1, (peak, elapsed)
+    assert response.status_code == (404 if to == "missing" else 400), response.json
+    assert len(response.data) < 1_000
+    if to == "ready":
+        assert "more JSON values than the limit of 36" in response.json["detail"]
+
+
+def test_half_a_million_empty_images_are_refused_before_parsing(client, ready):
+    body = b'{"instances": [' + b'{"b64": ""},' * 499_999 + b'{"b64": ""}]}'
+
+    response, elapsed, peak = cost(lambda: client.post(ready, data=body,
+                                                       content_type="application/json"))
+
+    assert peak < 100 and elapsed < 1, (peak, elapsed)
+    assert response.status_code == 400 and "more JSON values" in response.json["detail"]
+
+
+def test_nine_instances_are_counted_as_images(client, ready):
+    body = {"instances": [{"b64": ""}] * 9}
+
+    response = done(client.post(ready, json=body))
+
+    assert response.status_code == 400 and "9 images in one request" in response.json["detail"]
+
+
+@pytest.mark.parametrize("what", ["field", "file"])
+def test_an_options_part_of_many_keys_is_refused_by_size(client, what):
+    options = "{" + ",".join(f'"k{i}": 0' for i in range(500_000)) + "}"  # 52 MB 422, 650 MB
+
+    body, content_type = multipart({
+        "dataset": [("dataset.zip", zip_of(four_images()).getvalue())],
+        "options": options if what == "field" else [("options.json", options.encode())]})
+
+    def post():
+        return client.post("/v1/classifiers", data=body, content_type=content_type)
+
+    response, elapsed, peak = cost(post)
+
+    assert response.status_code == 413, response.json
+    assert ("form field is larger than the limit of 262144 bytes" if what == "field" else
+            "options part is larger than the limit of 262144 bytes") in response.json["detail"]
+    assert elapsed < 2 and peak < 100, (elapsed, peak)
+
+
+def test_a_problem_lists_twenty_field_errors_and_counts_the_rest(client):
+    options = "{" + ",".join(f'"k{i}": 0' for i in range(900)) + "}"
+
+    response = upload(client, four_images(), options)
+
+    assert response.status_code == 422
+    assert len(response.json["errors"]) == 20 and response.json["errors_total"] == 900
+    assert response.json["detail"].endswith("(and 897 more)")
+    assert len(response.data) < 5_000
+
+
+def test_a_thousand_and_one_parts_are_named_as_the_limit(client):
+    body, content_type = multipart({"dataset": [("dataset.zip", zip_of(four_images()).getvalue())],
+                                    "x": [(None, b"") for _ in range(1_000)]})
+
+    response = done(client.post("/v1/classifiers", data=body, content_type=content_type))
+
+    assert response.status_code == 413
+    assert response.json["detail"] == "the multipart body has more than 1000 parts, the limit"
+
+
+def test_a_body_over_the_upload_limit_is_still_named_as_such(client, ready):
+    response = done(client.post(ready, data=b"x" * (64 * 2**20 + 1),
+                                content_type="application/json"))
+
+    assert response.status_code == 413
+    assert response.json["detail"] == "the request body is larger than the limit of 67108864 bytes"
+
+
+def test_a_full_temporary_directory_is_a_503_with_retry_after(client, monkeypatch):
+    # NB: /dev/full is a real device whose every write fails with ENOSPC, as a full TMPDIR does.
+    monkeypatch.setattr(tempfile, "TemporaryFile",
+                        lambda *args, **kwargs: open("/dev/full", "w+b", buffering=0))
+    noise = np.random.default_rng(0).bytes(600_000)  # Werkzeug spools a part past 500 KB
+
+    response = upload(client, four_images(**{"cat/noise.bin": noise}))
+
+    assert response.status_code == 503, response.json
+    assert int(response.headers["Retry-After"]) > 0
+    assert "no disk space left" in response.json["detail"]
+
+
+def test_a_zip_of_many_junk_names_keeps_a_count_and_the_first_hundred(client):
+    junk = {f"cat/junk-{i:04d}-{'x' * 400}.txt": b"not an image" for i in range(500)}
+
+    response = upload(client, four_images(**junk))
+
+    assert response.status_code == 202, response.json
+    dataset = response.json["dataset"]
+    assert dataset["skipped_total"] == 500 and len(dataset["skipped"]) == 100
+    assert all(len(entry["path"]) <= 301 for entry in dataset["skipped"])
+    assert "…" in dataset["skipped"][0]["path"]
+
+
+def test_decoding_counts_against_the_predict_timeout(app, ready):
+    services = app.extensions["headstart"]
+    impatient = dataclasses.replace(services, settings=services.settings.model_copy(
+        update={"predict_timeout_s": 0.05}))
+    large = encoded("PNG", (3_000, 3_000))
+    record = prediction.servable_record(services, ready.split("/")[3])
+
+    with pytest.raises(ServiceUnavailable, match="decoding the first 1 of 4 images"):
+        prediction.predict(impatient, record, [large] * 4, 1)

@@ -202,7 +202,10 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
-    errors: list[dict[str, Any]] | None = None
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="Field-level problems: the first 20")
+    errors_total: int | None = Field(
+        None, description="How many field-level problems there were, when more than 20")
 
 
 class Health(BaseModel):

@@ -91,11 +91,12 @@ class BackboneHolder:
     def identity(self):
         return self.get().identity
 
-    def features(self, images, then=None):
+    def features(self, images, then=None, deadline: float | None = None):
         """Backbone features for a request's images through the shared batching queue, with
-        `then` applied to them on the batching thread."""
+        `then` applied to them on the batching thread; `deadline` (time.monotonic) bounds the
+        wait instead of the batcher's own timeout."""
         self.get()
-        return self._batcher.features(images, then)
+        return self._batcher.features(images, then, deadline=deadline)
 
     @property
     def queued_images(self) -> int:
