@@ -93,8 +93,9 @@ class Settings(BaseSettings):
 
     # Security: who may call the API, and how much work one process takes on at once.
     api_keys: SecretStr | None = Field(
-        None, description="Comma-separated key:scope entries, scope admin or predict; blank or "
-                          "unset (with api_keys_file unset too) leaves the API open")
+        None, description="Comma-separated key:scope entries, scope admin or predict; unset "
+                          "(with api_keys_file unset too) leaves the API open, set but without "
+                          "a key stops start-up")
     api_keys_file: Path | None = Field(
         None, description="A file of key:scope entries, by commas or lines (# comments), e.g. a "
                           "mounted Kubernetes secret; adds to api_keys")
