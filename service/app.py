@@ -17,7 +17,7 @@ from pathlib import Path
 from flask import Flask, g, request
 
 from service.api.auth import load_api_keys, require_api_keys
-from service.api.limits import UploadLimiter
+from service.api.limits import ClientLimits, UploadLimiter
 from service.api.openapi import build_document
 from service.api.ops import ops
 from service.api.problems import register_error_handlers
@@ -65,6 +65,10 @@ def create_app(settings: Settings | None = None, *,
                            full_scan_s=settings.metrics_store_scan_s)
     app.extensions["headstart"] = services
     app.extensions["headstart.uploads"] = UploadLimiter(settings.max_concurrent_uploads)
+    # NB: read by the gunicorn worker (service.api.gthread), which guards the sockets.
+    app.extensions["headstart.clients"] = ClientLimits(
+        header_timeout_s=settings.client_header_timeout_s,
+        min_bytes_per_s=settings.client_min_bytes_per_s)
 
     register_error_handlers(app)
     _instrument(app, services.metrics)

@@ -100,8 +100,14 @@ class Settings(BaseSettings):
         None, description="A file of key:scope entries, by commas or lines (# comments), e.g. a "
                           "mounted Kubernetes secret; adds to api_keys")
     max_concurrent_uploads: int = Field(
-        4, gt=0, description="Dataset uploads processed at once per process; more get 503 "
-                             "with Retry-After")
+        4, gt=0, description="Dataset uploads checked at once per process, once received; "
+                             "more get 503 with Retry-After")
+    client_header_timeout_s: float = Field(
+        10, gt=0, description="Longest a client may take to send a request's line and "
+                              "headers (408 past it); also the grace before the minimum rate")
+    client_min_bytes_per_s: int = Field(
+        32 * 1024, gt=0, description="Slowest a client may send a body or read a response, on "
+                                     "average after the grace (408 or disconnected below it)")
 
     @field_validator("api_keys_file", mode="before")
     @classmethod

@@ -4,13 +4,17 @@ through real sockets against a real gunicorn."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
+import socket
 import struct
 import tempfile
+import threading
 import time
 import tracemalloc
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,12 +23,14 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from models.preprocessing import ImageDecodeError, decode_image, load_image, read_header
+from service.api.gthread import GuardedSocket
+from service.api.limits import ClientLimits
 from service.app import create_app
 from service.config import Settings
 from service.errors import PayloadTooLarge, ServiceUnavailable, Unprocessable
 from service.jobs import prediction
 from service.jobs.datasets import DatasetLimits, read_dataset_zip
-from tests.helpers import multipart
+from tests.helpers import call, gunicorn_server, multipart
 
 # The 54-byte GIF of the issue: its extension block is cut short, so `n_frames` raised struct.error.
 SHORT_GIF = bytes.fromhex(
@@ -458,3 +464,212 @@ def test_decoding_counts_against_the_predict_timeout(app, ready):
 
     with pytest.raises(ServiceUnavailable, match="decoding the first 1 of 4 images"):
         prediction.predict(impatient, record, [large] * 4, 1)
+
+
+# ---------------------------------------------------------------- slow clients (item 1)
+
+HEADER_TIMEOUT_S = 2  # the server's, so that a test waits seconds, not the default's ten
+CONNECTIONS = 40  # gunicorn's worker_connections (1000 by default)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real gunicorn with 8 request threads, 2 upload slots and room for 40 connections."""
+    with gunicorn_server(tmp_path_factory.mktemp("slow"), HEADSTART_WEB_THREADS="8",
+                         HEADSTART_MAX_CONCURRENT_UPLOADS="2",
+                         HEADSTART_CLIENT_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S),
+                         GUNICORN_CMD_ARGS=f"--worker-connections {CONNECTIONS}") as running:
+        base, _, _ = running
+        yield int(base.rsplit(":", 1)[1]), running[1], running[2]
+
+
+def timed_get(port: int, path: str) -> tuple[int, float]:
+    started = time.monotonic()
+    status, _, _ = call("GET", f"http://127.0.0.1:{port}{path}", timeout=10)
+    return status, time.monotonic() - started
+
+
+@pytest.fixture
+def connect(server):
+    """Opens connections to the server; closes them after the test."""
+    opened = []
+
+    def open_connection() -> socket.socket:
+        opened.append(socket.create_connection(("127.0.0.1", server[0]), timeout=10))
+        return opened[-1]
+
+    yield open_connection
+    for sock in opened:
+        sock.close()
+
+
+def response_of(sock: socket.socket, timeout: float = 10) -> bytes:
+    """What the server sends until it closes the connection (or `timeout` passes)."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data
+
+
+class Trickle(threading.Thread):
+    """Sends `head` and then one more byte every `every_s`, as a slowloris client does."""
+
+    def __init__(self, sock: socket.socket, head: bytes, every_s: float = 0.5):
+        super().__init__(daemon=True)
+        self.sock, self.head, self.every_s = sock, head, every_s
+        self.stop = threading.Event()
+
+    def run(self):
+        try:
+            self.sock.sendall(self.head)
+            while not self.stop.wait(self.every_s):
+                self.sock.sendall(b"X")
+        except OSError:
+            pass  # cut off by the server
+
+
+def test_eight_slow_clients_leave_health_and_other_requests_answered(server, connect):
+    port, _, _ = server
+    slow = [Trickle(connect(), b"GET /v1/classifiers HTTP/1.1\r\nHost: x\r\nX-Slow: ") for _ in range(8)]
+    for client in slow:
+        client.start()
+    time.sleep(0.5)  # they hold all 8 threads' worth of connections now
+
+    health, health_s = timed_get(port, "/healthz")
+    listed, listed_s = timed_get(port, "/v1/classifiers")
+    answers = [response_of(client.sock, timeout=HEADER_TIMEOUT_S + 5) for client in slow]
+    for client in slow:
+        client.stop.set()
+
+    assert health == 200 and health_s < 1, health_s
+    assert listed == 200 and listed_s < 1, listed_s
+    for answer in answers:  # cut off once the header timeout passed
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert b"application/problem+json" in answer and b"did not arrive within 2 s" in answer
+
+
+def test_stalled_upload_bodies_hold_no_upload_slot_and_are_cut_off(server, connect):
+    port, _, _ = server
+    body, content_type = multipart({"dataset": [("d.zip", zip_of(four_images()).getvalue())],
+                                    "options": TINY_TRAINING})
+    head = (f"POST /v1/classifiers HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body) + 1_000_000}\r\n\r\n").encode()
+    stalled = [connect() for _ in range(4)]  # twice the upload slots
+    for sock in stalled:
+        sock.sendall(head + body[:1_000])
+    time.sleep(0.5)
+
+    status, _, created = call("POST", f"http://127.0.0.1:{port}/v1/classifiers", body,
+                              content_type)
+    answers = [response_of(sock, timeout=HEADER_TIMEOUT_S + 5) for sock in stalled]
+
+    assert status == 202, created
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert b"slower than 32768 bytes/s" in answer
+
+
+def test_the_probe_is_answered_while_every_request_thread_is_busy(server, connect):
+    port, _, _ = server
+    # Chunked bodies go to a thread at once (their length is unknown), where a stalled one holds
+    # it until the minimum rate says otherwise: eight of them take all eight threads.
+    head = (b"POST /v1/classifiers HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n10\r\n--b\r\nContent-Dis")
+    busy = [connect() for _ in range(8)]
+    for sock in busy:
+        sock.sendall(head)
+    time.sleep(0.5)
+
+    health, health_s = timed_get(port, "/healthz")
+    answers = [response_of(sock, timeout=HEADER_TIMEOUT_S + 5) for sock in busy]
+
+    assert health == 200 and health_s < 1, health_s
+    for answer in answers:  # the app itself answers the stalled body
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+
+
+def worker_pid(master: int) -> int:
+    children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    assert len(children) == 1, children
+    return int(children[0])
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+               .split()[1]) / 1024
+
+
+def exchange(sock: socket.socket, request: bytes) -> bytes:
+    """Sends a request while reading the answer, as a client must when the server may answer
+    before the body has been sent."""
+    def send():
+        with contextlib.suppress(OSError):
+            sock.sendall(request)
+
+    threading.Thread(target=send, daemon=True).start()
+    return response_of(sock, timeout=10)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+def test_an_amplifying_body_costs_the_server_little_over_http(server, connect):
+    port, master, _ = server
+    pid = worker_pid(master.pid)
+    request = (b"POST /v1/classifiers/clf_00000000000000000000/predict HTTP/1.1\r\nHost: x\r\n"
+               b"Content-Type: application/json\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n" % len(EMPTY_INSTANCES)) + EMPTY_INSTANCES
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets the peak to the current RSS
+    before = peak_rss_mib(pid)
+    started = time.monotonic()
+
+    answer = exchange(connect(), request)
+
+    elapsed = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 404 "), answer[:200]
+    assert elapsed < 1 and peak_rss_mib(pid) - before < 100, (elapsed, peak_rss_mib(pid) - before)
+
+
+def test_a_client_that_does_not_read_its_response_is_disconnected():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(listener.getsockname())
+        served, _ = listener.accept()
+    guarded = GuardedSocket(served, ClientLimits(header_timeout_s=0.2, min_bytes_per_s=64 * 2**20))
+    started = time.monotonic()
+
+    with pytest.raises(ConnectionResetError, match="too slow"):
+        guarded.sendall(bytes(32 * 2**20))  # allowed 0.2 s + 0.5 s; the reader reads nothing
+
+    assert time.monotonic() - started < 5
+    served.close()
+    reader.close()
+
+
+def test_clients_that_never_close_their_end_do_not_stall_the_server(server, connect):
+    port, _, _ = server
+    # gthread lingered over each such connection on its event loop, for up to 2 s apiece.
+    idle = [connect() for _ in range(8)]
+    for sock in idle:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    time.sleep(0.5)
+
+    health, health_s = timed_get(port, "/healthz")
+
+    assert health == 200 and health_s < 1, health_s
+    assert all(response_of(sock, timeout=5).startswith(b"HTTP/1.1 200 ") for sock in idle)
+
+
+def test_more_idle_connections_than_the_worker_holds_do_not_lock_clients_out(server, connect):
+    port, _, _ = server
+    idle = [connect() for _ in range(CONNECTIONS + 10)]  # gthread stopped accepting at 40
+    idle[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and some have started a request
+    time.sleep(0.5)
+
+    health, health_s = timed_get(port, "/healthz")
+
+    assert health == 200 and health_s < 1, health_s

@@ -9,7 +9,7 @@ from typing import Any
 from flask import Response, json, request
 from werkzeug.exceptions import HTTPException
 
-from service.api.limits import RETRY_AFTER_S
+from service.api.limits import RETRY_AFTER_S, ClientTooSlow
 from service.errors import HeadstartError
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,15 @@ def register_error_handlers(app) -> None:
         return respond(error.status, problem_body(error.status, error.title, error.detail,
                                                   error.errors), error.headers)
 
+    @app.errorhandler(ClientTooSlow)
+    def too_slow(error: ClientTooSlow):
+        log.info("request from %s cut off: %s", request.remote_addr, error)
+        return respond(408, problem_body(408, "Request Timeout", str(error)))
+
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
+        if isinstance(error.__context__, ClientTooSlow):  # Werkzeug's body stream says
+            return too_slow(error.__context__)            # "disconnected" for any OSError
         status = error.code or 500
         detail = _too_large(error) if status == 413 else error.description or error.name
         headers = {name: value for name, value in error.get_headers()
