@@ -98,6 +98,7 @@ def gunicorn_server(tmp: Path, **env: str):
     environment = {**os.environ, "PORT": str(port), "HEADSTART_STORE": str(tmp / "store"),
                    "HEADSTART_BACKBONE_WEIGHTS": "random", "HEADSTART_IMAGE_SIZE": "32",
                    "HEADSTART_WEIGHTS_CACHE": str(tmp / "cache"), **env}
+    tmp.mkdir(parents=True, exist_ok=True)
     log_path = tmp / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
