@@ -30,6 +30,7 @@ from service.config import Settings
 from service.errors import PayloadTooLarge, ServiceUnavailable, Unprocessable
 from service.jobs import prediction
 from service.jobs.datasets import DatasetLimits, read_dataset_zip
+from service.storage.blobs import StoreUnavailable
 from tests.helpers import call, gunicorn_server, multipart
 
 # The 54-byte GIF of the issue: its extension block is cut short, so `n_frames` raised struct.error.
@@ -464,6 +465,28 @@ def test_decoding_counts_against_the_predict_timeout(app, ready):
 
     with pytest.raises(ServiceUnavailable, match="decoding the first 1 of 4 images"):
         prediction.predict(impatient, record, [large] * 4, 1)
+
+
+# ---------------------------------------------------------------- nothing accepted is lost (item 5)
+
+
+def test_a_failed_record_write_leaves_no_dataset_behind(app, client, monkeypatch):
+    blobs = app.extensions["headstart"].store.blobs
+    before = {path for path in blobs.root.rglob("dataset.zip")}
+
+    def unavailable(*args, **kwargs):  # the store, briefly full, after the dataset went in
+        raise StoreUnavailable("store directory: no space left on device")
+
+    monkeypatch.setattr(blobs, "put_if", unavailable)
+    response = upload(client, four_images())
+
+    assert response.status_code == 503, response.json
+    assert {path for path in blobs.root.rglob("dataset.zip")} == before
+
+
+def test_the_lost_job_sweep_runs_in_local_mode_too(app):
+    assert app.extensions["headstart"].settings.queue == "local"
+    assert "lost-job-sweeper" in {thread.name for thread in threading.enumerate()}
 
 
 # ---------------------------------------------------------------- slow clients (item 1)
