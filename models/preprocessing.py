@@ -4,6 +4,10 @@ Training and serving must see an image identically, so both go through `load_ima
 decode → first frame → EXIF orientation → RGB → resize (aspect not kept) → float32.
 `preprocess_input` (VGG16's caffe mode) is applied later, inside the backbone call.
 
+Every file is untrusted. Its declared size is checked from the header before a pixel is decoded
+(pixel count and aspect ratio: a 1 × 40,000,000 PNG of 77 KB would otherwise cost seconds and a
+gigabyte), and anything a decoder raises on hostile bytes becomes an `ImageDecodeError`.
+
 The resize is PIL's antialiased bilinear (triangle) filter written as two fixed linear maps,
 `resize_weights(H, size) @ image @ resize_weights(W, size).T`, and applied in float32 without
 rounding. An exported model (`models.export`) builds the same matrices from the same integer
@@ -15,16 +19,38 @@ each of its passes, which no graph reproduces; this differs from it by under one
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 #: Formats a dataset or a prediction may use. Anything else Pillow can open is refused.
 ACCEPTED_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "MPO"})
+# NB: Image.open tries only these plugins (MPO files are opened by the JPEG plugin).
+_OPEN_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
 
 #: Default cap on decoded pixels (width × height); Pillow's own default is ~89 M.
 DEFAULT_MAX_PIXELS = 40_000_000
+#: Default cap on the long side over the short side. Decoding cost grows with rows as well as
+#: pixels (a 1-pixel-wide PNG pays per-row overhead 40 M times), and no photo is this thin.
+DEFAULT_MAX_ASPECT_RATIO = 100
+
+# What Pillow's decoders and its EXIF reader raise on corrupt or hostile input besides
+# OSError: struct.error from short EXIF or GIF extension blocks (`n_frames`, `getexif`),
+# IndexError / KeyError / TypeError / ZeroDivisionError from inconsistent tables and headers.
+_DECODER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError,
+                   KeyError, TypeError, ZeroDivisionError)
+
+# EXIF orientation → the transpose that shows the image upright (as ImageOps.exif_transpose).
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+}
 
 
 class ImageDecodeError(ValueError):
@@ -35,12 +61,38 @@ class ImageDecodeError(ValueError):
         self.reason = reason
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file declares before any pixel is decoded."""
+
+    format: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def read_header(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> ImageHeader:
+    """Reads and checks an image's format and size from its header only (cheap: no pixels).
+
+    Raises:
+        ImageDecodeError: not an accepted image, or too many pixels, or too thin.
+    """
+    with _decoder_errors():
+        return _checked_header(_open(data), max_pixels, max_aspect_ratio)
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> Image.Image:
     """Decodes image bytes into an RGB Pillow image with EXIF orientation applied.
 
     Args:
         data: the encoded file (JPEG, PNG, GIF — first frame, BMP or WebP).
         max_pixels: refuse images whose width × height exceeds this (decompression bombs).
+        max_aspect_ratio: refuse images whose long side exceeds this many times the short one.
 
     Returns:
         A fully loaded `PIL.Image.Image` in mode "RGB".
@@ -48,35 +100,74 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     Raises:
         ImageDecodeError: with a user-facing reason.
     """
+    with _decoder_errors():
+        image = _open(data)
+        _checked_header(image, max_pixels, max_aspect_ratio)
+        # NB: Image.open leaves a multi-frame file (GIF, APNG, WebP, MPO) on its first frame;
+        # asking for `n_frames` would parse every frame (and raises on a broken one).
+        image.load()
+        method = _ORIENTATION.get(_orientation(image))
+        if method is not None:
+            image = image.transpose(method)
+        return _to_rgb(image)
+
+
+def _open(data: bytes) -> Image.Image:
     if not data:
         raise ImageDecodeError("empty file")
+    # NB: Pillow warns (DecompressionBombWarning, silenced by `_decoder_errors`) between its own
+    # limit and twice that, and raises beyond; `_checked_header` applies ours.
+    image = Image.open(io.BytesIO(data), formats=_OPEN_FORMATS)
+    if image.format not in ACCEPTED_FORMATS:
+        raise ImageDecodeError(f"unsupported image format {image.format}")
+    return image
+
+
+def _checked_header(image: Image.Image, max_pixels: int, max_aspect_ratio: float) -> ImageHeader:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image is {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height} pixels, more than the limit of {max_pixels}")
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise ImageDecodeError(
+            f"image is {width}x{height} pixels: one side is more than {max_aspect_ratio:g} "
+            "times the other, the limit")
+    return ImageHeader(format=image.format, width=width, height=height)
+
+
+@contextmanager
+def _decoder_errors() -> Iterator[None]:
+    """Turns whatever Pillow raises on a hostile file into an ImageDecodeError."""
     try:
         with warnings.catch_warnings():
-            # NB: Pillow warns (DecompressionBombWarning) between max and 2×max pixels; we refuse
-            # by our own check below instead, so the warning is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.format not in ACCEPTED_FORMATS:
-                raise ImageDecodeError(f"unsupported image format {image.format}")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"image is {width}x{height} pixels, more than the limit of {max_pixels}"
-                )
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            # Pillow warns about what it skips in a damaged file (EXIF tags past its end, …).
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+            yield
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as error:
         raise ImageDecodeError(f"image is too large: {error}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not a recognised image file") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except _DECODER_ERRORS as error:
         # Truncated or corrupt data surfaces as any of these from Pillow's decoders.
         raise ImageDecodeError(f"corrupt or truncated image: {error}") from None
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1–8); 1 (as stored) when the EXIF block is missing or unreadable.
+
+    A broken EXIF block does not make the pixels unusable: the image is used as stored, in
+    training and serving alike.
+    """
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except _DECODER_ERRORS:
+        return 1
+    return value if isinstance(value, int) and value in _ORIENTATION else 1
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -163,10 +254,12 @@ def resize(image: Image.Image, size: int) -> np.ndarray:
     return resize_pixels(np.asarray(image, dtype=np.uint8), size)
 
 
-def load_image(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO) -> np.ndarray:
     """Decodes and resizes image bytes: the one path for training and serving.
 
     Returns:
         float32 array of shape (size, size, 3), RGB in 0-255.
     """
-    return resize(decode_image(data, max_pixels=max_pixels), size)
+    return resize(decode_image(data, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio),
+                  size)

@@ -18,10 +18,11 @@ from flask import Flask, g, request
 
 from service import web
 from service.api.auth import load_api_keys, require_api_keys
-from service.api.limits import UploadLimiter
+from service.api.limits import ClientLimits, UploadLimiter
 from service.api.openapi import build_document
 from service.api.ops import ops
 from service.api.problems import register_error_handlers
+from service.api.requests import Request
 from service.api.routes import api
 from service.config import Settings
 from service.errors import HeadstartError
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, *,
     settings = settings or Settings()
     api_keys = load_api_keys(settings)  # first: a bad key configuration stops start-up at once
     app = Flask(__name__)
+    app.request_class = Request
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes
     Path(settings.weights_cache).mkdir(parents=True, exist_ok=True)
 
@@ -69,6 +71,10 @@ def create_app(settings: Settings | None = None, *,
     app.extensions["headstart.api_keys"] = api_keys
     app.extensions["headstart.event_streams"] = StreamSlots(settings.max_event_streams)
     app.extensions["headstart.exports"] = export_builder(services)
+    # NB: read by the gunicorn worker (service.api.gthread), which guards the sockets.
+    app.extensions["headstart.clients"] = ClientLimits(
+        header_timeout_s=settings.client_header_timeout_s,
+        min_bytes_per_s=settings.client_min_bytes_per_s)
 
     register_error_handlers(app)
     _instrument(app, services.metrics)

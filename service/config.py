@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         2 * 1024**3, gt=0, description="Most uncompressed bytes in a dataset zip, counted while reading")
     max_image_bytes: int = Field(50 * 1024**2, gt=0, description="Largest single image file")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image, width × height")
+    max_dataset_pixels: int = Field(
+        4_000_000_000, gt=0, description="Most decoded pixels in one dataset, all images together, "
+                                         "counted from their headers before decoding: bounds the "
+                                         "CPU one upload costs")
+    max_labels: int = Field(1_000, ge=2, description="Most labels (top-level folders) in a dataset")
     max_predict_images: int = Field(64, gt=0, description="Most images in one predict request")
     max_predict_bytes: int = Field(
         64 * 1024**2, gt=0, description="Largest predict request body (its own limit, below "
@@ -89,14 +94,15 @@ class Settings(BaseSettings):
 
     # Security: who may call the API, and how much work one process takes on at once.
     api_keys: SecretStr | None = Field(
-        None, description="Comma-separated key:scope entries, scope admin or predict; blank or "
-                          "unset (with api_keys_file unset too) leaves the API open")
+        None, description="Comma-separated key:scope entries, scope admin or predict; unset "
+                          "(with api_keys_file unset too) leaves the API open, set but without "
+                          "a key stops start-up")
     api_keys_file: Path | None = Field(
         None, description="A file of key:scope entries, by commas or lines (# comments), e.g. a "
                           "mounted Kubernetes secret; adds to api_keys")
     max_concurrent_uploads: int = Field(
-        4, gt=0, description="Dataset uploads processed at once per process; more get 503 "
-                             "with Retry-After")
+        4, gt=0, description="Dataset uploads checked at once per process, once received; "
+                             "more get 503 with Retry-After")
     # Server-sent events (GET /v1/classifiers/{id}/events): each open stream holds a thread.
     max_event_streams: int = Field(
         32, ge=1, le=1000, description="Event streams open at once per process; more get 503 "
@@ -112,6 +118,12 @@ class Settings(BaseSettings):
     event_poll_s: float = Field(
         0.5, gt=0, le=60, description="How often an event stream reads the classifier's record "
                                       "from the store")
+    client_header_timeout_s: float = Field(
+        10, gt=0, description="Longest a client may take to send a request's line and "
+                              "headers (408 past it); also the grace before the minimum rate")
+    client_min_bytes_per_s: int = Field(
+        32 * 1024, gt=0, description="Slowest a client may send a body or read a response, on "
+                                     "average after the grace (408 or disconnected below it)")
 
     @field_validator("api_keys_file", mode="before")
     @classmethod

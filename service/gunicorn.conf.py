@@ -6,7 +6,9 @@ import signal
 from service.config import Settings
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
-worker_class = "gthread"
+# gthread, reading each request in its event loop before a thread takes it, so slow clients hold
+# no thread; probes have a thread of their own (see the module).
+worker_class = "service.api.gthread.GuardedThreadWorker"
 # One process per machine: it holds the backbone and the in-process training runner, and
 # TensorFlow already spreads one call over every core. Threads overlap decoding and I/O.
 workers = int(os.environ.get("HEADSTART_WEB_WORKERS", "1"))
@@ -20,6 +22,9 @@ preload_app = False
 timeout = 300          # a predict batch or a large upload may take minutes on a small CPU
 graceful_timeout = 60  # SIGTERM lets in-flight requests finish
 keepalive = 5
+# NB: responses go through the socket's guarded sendall (a client must read at the minimum
+# rate); sendfile(2) would bypass it.
+sendfile = False
 # NB: no control socket: it lives in $HOME, which a read-only container does not have, and two
 # servers on one machine (make run-cluster) would share it.
 control_socket_disable = True

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
 import zlib
 import zipfile
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+ROOT = Path(__file__).resolve().parents[1]
 #: Two visually distinct classes that even a randomly initialised backbone separates.
 COLOURS = {"red": (200, 40, 40), "blue": (40, 60, 200), "green": (40, 180, 60)}
 
@@ -78,3 +86,43 @@ def call(method: str, url: str, body: bytes | None = None, content_type: str | N
     except urllib.error.HTTPError as error:
         data = error.read()
         return error.code, dict(error.headers), json.loads(data) if data else None
+
+
+@contextlib.contextmanager
+def gunicorn_server(tmp: Path, **env: str):
+    """A real gunicorn, started as `make run` starts it but bound to 127.0.0.1, on random
+    weights at 32 px; yields (base URL, process, log path) once /readyz answers 200."""
+    from tools.localservers import free_port
+
+    port = free_port()
+    environment = {**os.environ, "PORT": str(port), "HEADSTART_STORE": str(tmp / "store"),
+                   "HEADSTART_BACKBONE_WEIGHTS": "random", "HEADSTART_IMAGE_SIZE": "32",
+                   "HEADSTART_WEIGHTS_CACHE": str(tmp / "cache"), **env}
+    tmp.mkdir(parents=True, exist_ok=True)
+    log_path = tmp / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "service/gunicorn.conf.py",
+             "--bind", f"127.0.0.1:{port}", "service.wsgi:app"],
+            cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    if call("GET", base + "/readyz")[0] == 200:
+                        break
+                except OSError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(log_path.read_text())
+                time.sleep(0.25)
+            yield base, process, log_path
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()

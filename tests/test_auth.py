@@ -194,10 +194,20 @@ def test_keys_from_the_variable_and_the_file_are_combined(tmp_path, monkeypatch)
     assert sorted(key.scope for key in keys) == ["admin", "admin", "predict", "predict"]
 
 
-@pytest.mark.parametrize("api_keys", ["", "  ", None])
-def test_blank_or_unset_keys_leave_the_api_open(api_keys, monkeypatch):
+def test_unset_keys_leave_the_api_open(monkeypatch):
+    monkeypatch.delenv("HEADSTART_API_KEYS", raising=False)
     monkeypatch.setenv("HEADSTART_API_KEYS_FILE", "")
-    assert load_api_keys(Settings(api_keys=api_keys)) == []
+    assert load_api_keys(Settings()) == []
+
+
+# Each of these once loaded zero keys and left the API open with only a warning.
+@pytest.mark.parametrize("value", ["", "  ", ",", " , ,", "\n", f"# {ADMIN_KEY}:admin"])
+def test_a_keys_variable_that_holds_no_key_stops_start_up(value, monkeypatch):
+    monkeypatch.setenv("HEADSTART_API_KEYS", value)
+    monkeypatch.setenv("HEADSTART_API_KEYS_FILE", "")
+
+    with pytest.raises(ApiKeyConfigError, match="HEADSTART_API_KEYS is set but holds no key"):
+        load_api_keys(Settings())
 
 
 SECRET = "s3cr3t-value-9f8e7d6c5b4a"

@@ -1,49 +1,18 @@
 """End to end through a real gunicorn process on a free port, started as `make run` starts it."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tools.localservers import free_port
-from tests.helpers import COLOURS, call, dataset_zip, image_bytes, multipart
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import COLOURS, call, dataset_zip, gunicorn_server, image_bytes, multipart
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    port = free_port()
-    env = {**os.environ, "PORT": str(port), "HEADSTART_STORE": str(tmp / "store"),
-           "HEADSTART_BACKBONE_WEIGHTS": "random", "HEADSTART_IMAGE_SIZE": "32",
-           "HEADSTART_WEIGHTS_CACHE": str(tmp / "cache")}
-    log = open(tmp / "server.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "service/gunicorn.conf.py", "service.wsgi:app"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if call("GET", base + "/readyz")[0] == 200:
-                break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError((tmp / "server.log").read_text())
-        time.sleep(0.25)
-    yield base, process, tmp / "server.log"
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-    log.close()
+    with gunicorn_server(tmp_path_factory.mktemp("e2e")) as running:
+        yield running
 
 
 def test_create_train_predict_report_delete(server):

@@ -23,7 +23,8 @@ from service.jobs.events import (Cursor, EventStream, RecordUnavailable, StreamS
                             follow, stream)
 from service.errors import BadRequest, NotFound, ServiceUnavailable
 from service.api.schemas import Classifier, ProgressOut
-from service.storage.records import ClassifierRecord, DatasetInfo, Progress, TrainingOptions
+from service.storage.records import (ClassifierRecord, DatasetInfo, Lease, Progress,
+                                     TrainingOptions)
 from service.config import Settings
 from service.storage.blobs import LocalBlobStore
 from service.storage.classifiers import ClassifierStore, new_classifier_id
@@ -255,12 +256,13 @@ def rewrite(store: ClassifierStore, classifier: ClassifierRecord) -> None:
 
 
 def stored_record(store: ClassifierStore, status="training",
-                  progress: Progress | None = Progress(stage="extracting")):
+                  progress: Progress | None = Progress(stage="extracting"),
+                  lease: Lease | None = None):
     now = datetime.now(timezone.utc)
     classifier = ClassifierRecord(
         id=new_classifier_id(), name="toys", status=status, labels=["red", "blue"],
         created_at=now, updated_at=now, dataset=DatasetInfo(images=4, per_label={}),
-        progress=progress, options=TrainingOptions())
+        progress=progress, options=TrainingOptions(), lease=lease)
     store.create_record(classifier)
     return classifier
 
@@ -353,10 +355,14 @@ def test_a_training_job_streams_extraction_epochs_and_done_to_a_predict_key(serv
 @pytest.fixture
 def held_record(server):
     """A classifier left training in the server's store, which the test writes as a worker
-    would: nothing in the server moves it."""
+    would: nothing in the server moves it (its lease is a worker's that renews it, so the
+    server's lost-job sweep leaves it alone)."""
     store = server.store()
     classifier = stored_record(store, progress=Progress(stage="training", epoch=2,
-                                                           max_epochs=9, history=FIT_1[:2]))
+                                                        max_epochs=9, history=FIT_1[:2]),
+                               lease=Lease(owner="a-test-worker",
+                                           heartbeat_at=datetime.now(timezone.utc)
+                                           + timedelta(hours=1)))
     yield store, classifier
     store.delete(classifier.id)
 

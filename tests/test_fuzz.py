@@ -123,9 +123,17 @@ def test_hostile_options_json_is_a_400(app, text):
 
 
 @pytest.mark.parametrize("body", [text.encode() for text in HOSTILE_JSON] + [b"\xff{}"])
-def test_hostile_predict_json_is_a_400(app, body):
-    response = app.test_client().post("/v1/classifiers/clf_00000000000000000000/predict",
+def test_hostile_predict_json_is_a_400(app, ready_classifier, body):
+    response = app.test_client().post(f"/v1/classifiers/{ready_classifier}/predict",
                                       data=body, content_type="application/json", headers=AUTH)
 
     assert response.status_code == 400, response.json
     assert response.content_type == "application/problem+json"
+
+
+def test_a_predict_body_for_a_missing_classifier_is_not_read(app):
+    response = app.test_client().post("/v1/classifiers/clf_00000000000000000000/predict",
+                                      data=HOSTILE_JSON[0].encode(),
+                                      content_type="application/json", headers=AUTH)
+
+    assert response.status_code == 404, response.json

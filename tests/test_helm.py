@@ -8,7 +8,9 @@ skip, or fail where HEADSTART_TEST_REQUIRE_SERVERS is set (CI)."""
 import functools
 import os
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import kubernetes_validate
@@ -85,12 +87,19 @@ def pod_spec(docs: list[dict], component: str) -> dict:
     return one(docs, "Deployment", component)["spec"]["template"]["spec"]
 
 
+def container_of(docs: list[dict], component: str) -> dict:
+    """The component's own container (the API pod also runs its proxy)."""
+    (container,) = [container for container in pod_spec(docs, component)["containers"]
+                    if container["name"] == component]
+    return container
+
+
 def env_of(container: dict) -> dict[str, str]:
     return {item["name"]: item.get("value") for item in container.get("env", [])}
 
 
 def config_data(docs: list[dict]) -> dict[str, str]:
-    return one(docs, "ConfigMap")["data"]
+    return one(docs, "ConfigMap", "config")["data"]
 
 
 def secret_data(docs: list[dict]) -> dict[str, str]:
@@ -200,17 +209,17 @@ def test_the_service_account_mounts_no_token(helm):
 
 def test_api_runs_the_image_api_command_with_its_probes(helm):
     docs = render(helm, "default-values.yaml")
-    spec = pod_spec(docs, "api")
-    (container,) = spec["containers"]
+    container = container_of(docs, "api")
     assert container["image"] == "ghcr.io/headstart/headstart:0.1.0"
     assert container["args"] == ["api"]
-    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert container["ports"] == [{"name": "app", "containerPort": 8000, "protocol": "TCP"}]
     assert env_of(container)["PORT"] == "8000"
+    # The kubelet probes gunicorn itself, not through the proxy.
     probes = {kind: container[f"{kind}Probe"]["httpGet"] for kind in ("startup", "liveness",
                                                                       "readiness")}
-    assert probes == {"startup": {"path": "/startupz", "port": "http"},
-                      "liveness": {"path": "/healthz", "port": "http"},
-                      "readiness": {"path": "/readyz", "port": "http"}}
+    assert probes == {"startup": {"path": "/startupz", "port": "app"},
+                      "liveness": {"path": "/healthz", "port": "app"},
+                      "readiness": {"path": "/readyz", "port": "app"}}
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # the backbone loads
     annotations = one(docs, "Deployment", "api")["spec"]["template"]["metadata"]["annotations"]
@@ -234,7 +243,7 @@ def test_settings_reach_the_pods_through_the_config_map(helm):
     # The image's baked-in weights apply unless backbone.weights says otherwise.
     assert "HEADSTART_BACKBONE_WEIGHTS" not in config
     for component in ("api", "worker"):
-        (container,) = pod_spec(docs, component)["containers"]
+        container = container_of(docs, component)
         assert {"configMapRef": {"name": "hs-headstart"}} in container["envFrom"]
         assert {"secretRef": {"name": "hs-headstart"}} in container["envFrom"]
         assert "HEADSTART_BACKBONE_WEIGHTS" not in env_of(container)
@@ -257,8 +266,7 @@ def test_every_variable_the_chart_sets_is_one_the_service_reads(helm, values):
     docs = render(helm, values)
     names = set(config_data(docs)) | set(secret_data(docs))
     for component in ("api", "worker"):
-        (container,) = pod_spec(docs, component)["containers"]
-        names |= set(env_of(container))
+        names |= set(env_of(container_of(docs, component)))
     assert {name for name in names if name.startswith("HEADSTART_")} - known == set()
     assert "HEADSTART_JOB_TIME_LIMIT_S" in config_data(docs)
 
@@ -291,7 +299,7 @@ def test_production_values_spread_scale_and_expose_the_api(helm):
     assert spread["topologyKey"] == "topology.kubernetes.io/zone"
     assert spec["priorityClassName"] == "headstart-serving"
     assert spec["imagePullSecrets"] == [{"name": "acme-registry"}]
-    (container,) = spec["containers"]
+    container = container_of(docs, "api")
     assert container["image"] == "registry.acme.example/ml/headstart:0.1.0"
     assert env_of(container)["HEADSTART_HEAD_CACHE_SIZE"] == "512"
     assert deployment["spec"]["template"]["metadata"]["annotations"]["team"] == "ml-platform"
@@ -448,13 +456,14 @@ def test_keda_reads_an_external_broker_from_its_url(helm):
 # ------------------------------------------------------------------ config and secret
 
 
-@pytest.mark.parametrize("change, rolled", [
-    ("jobs.leaseSeconds=60", "checksum/config"),
-    ("store.region=eu-central-1", "checksum/config"),
-    ("broker.url=redis://broker.infra:6379/1", "checksum/secret"),
-    (f"apiKeys[0].key={ADMIN_KEY},apiKeys[0].scope=admin", "checksum/secret"),
+@pytest.mark.parametrize("change, rolled, components", [
+    ("jobs.leaseSeconds=60", "checksum/config", ("api", "worker")),
+    ("store.region=eu-central-1", "checksum/config", ("api", "worker")),
+    ("broker.url=redis://broker.infra:6379/1", "checksum/secret", ("api", "worker")),
+    (f"apiKeys[0].key={ADMIN_KEY},apiKeys[0].scope=admin", "checksum/secret", ("api", "worker")),
+    ("api.proxy.idleTimeoutSeconds=60", "checksum/proxy", ("api",)),
 ])
-def test_a_config_or_secret_change_rolls_the_pods(helm, change, rolled):
+def test_a_config_or_secret_change_rolls_the_pods(helm, change, rolled, components):
     def checksums(docs):
         return {component: {key: value for key, value in one(docs, "Deployment", component)[
                     "spec"]["template"]["metadata"]["annotations"].items()
@@ -463,11 +472,12 @@ def test_a_config_or_secret_change_rolls_the_pods(helm, change, rolled):
 
     before = checksums(render(helm, "default-values.yaml"))
     after = checksums(render(helm, "default-values.yaml", set=(change,)))
+    assert set(before["api"]) == {"checksum/config", "checksum/secret", "checksum/proxy"}
+    assert set(before["worker"]) == {"checksum/config", "checksum/secret"}
     for component in ("api", "worker"):
-        assert set(before[component]) == {"checksum/config", "checksum/secret"}
-        assert before[component][rolled] != after[component][rolled], component
-        other = ({"checksum/config", "checksum/secret"} - {rolled}).pop()
-        assert before[component][other] == after[component][other], component
+        changed = {key for key in before[component] if before[component][key] !=
+                   after[component][key]}
+        assert changed == ({rolled} if component in components else set()), component
 
 
 def test_the_broker_url_is_a_secret_not_config(helm):
@@ -479,7 +489,7 @@ def test_the_broker_url_is_a_secret_not_config(helm):
 def test_an_existing_secret_is_loaded_after_the_charts_own(helm):
     docs = render(helm, "production-values.yaml")
     for component in ("api", "worker"):
-        (container,) = pod_spec(docs, component)["containers"]
+        container = container_of(docs, component)
         assert container["envFrom"][-1] == {"secretRef": {"name": "headstart-credentials"}}
     # The chart's Secret then holds only what the values give: the broker URL.
     assert set(secret_data(docs)) == {"HEADSTART_QUEUE"}
@@ -487,7 +497,7 @@ def test_an_existing_secret_is_loaded_after_the_charts_own(helm):
     only_existing = render(helm, "production-values.yaml", set=(
         "broker.url=", "broker.redis.enabled=false"))
     assert not find(only_existing, "Secret")
-    (container,) = pod_spec(only_existing, "api")["containers"]
+    container = container_of(only_existing, "api")
     assert container["envFrom"] == [{"configMapRef": {"name": "hs-headstart"}},
                                     {"secretRef": {"name": "headstart-credentials"}}]
 
@@ -588,3 +598,144 @@ def test_notes_tell_how_to_reach_the_api_and_warn_about_the_in_chart_broker(helm
     text = notes(helm, notes_chart, "gpu-values.yaml", set=("api.service.type=LoadBalancer",))
     assert "load balancer" in text and ".status.loadBalancer.ingress[0]" in text
     assert "scaled by KEDA" in text
+
+
+# ------------------------------------------------------------------ the API's buffering proxy
+
+
+def proxy_config(docs: list[dict]) -> str:
+    return one(docs, "ConfigMap", "api")["data"]["nginx.conf"]
+
+
+def test_the_api_is_served_through_its_buffering_proxy(helm):
+    docs = render(helm, "default-values.yaml")
+    spec = pod_spec(docs, "api")
+    proxy = next(container for container in spec["containers"] if container["name"] == "proxy")
+    assert proxy["image"].startswith("nginxinc/nginx-unprivileged:")
+    assert proxy["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert proxy["command"][0] == "nginx"
+    assert proxy["readinessProbe"]["httpGet"] == {"path": "/proxyz", "port": "http"}
+    mounts = {mount["mountPath"]: mount["name"] for mount in proxy["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in spec["volumes"]}
+    assert volumes[mounts["/etc/headstart-proxy"]]["configMap"]["name"] == "hs-headstart-api-proxy"
+    assert volumes[mounts["/tmp"]]["emptyDir"]["sizeLimit"] == "4Gi"
+    assert mounts["/tmp"] != next(mount["name"] for mount in container_of(docs, "api")[
+        "volumeMounts"] if mount["mountPath"] == "/tmp")
+    # The Service's "http" is now nginx's port; nginx passes to gunicorn on the pod's loopback.
+    assert one(docs, "Service", "api")["spec"]["ports"][0]["targetPort"] == "http"
+    config = proxy_config(docs)
+    for directive in ("server 127.0.0.1:8000;", "listen 8080;", "client_max_body_size 536870912;",
+                      "client_header_timeout 10s;", "client_body_timeout 30s;",
+                      "send_timeout 30s;", "proxy_request_buffering on;", "proxy_buffering on;",
+                      "pid /tmp/nginx.pid;"):
+        assert directive in config, directive
+    assert "limit_conn " not in config  # behind an ingress, every client has its address
+    limited = proxy_config(render(helm, "default-values.yaml", set=(
+        "api.proxy.connectionsPerClient=16",)))
+    assert "limit_conn per_client 16;" in limited
+
+
+def test_without_the_proxy_the_service_reaches_gunicorn(helm):
+    docs = render(helm, "default-values.yaml", set=("api.proxy.enabled=false",))
+    (container,) = pod_spec(docs, "api")["containers"]
+    assert container["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert not find(docs, "ConfigMap", "api")
+    annotations = one(docs, "Deployment", "api")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/proxy" not in annotations
+
+
+def _nginx() -> str:
+    if found := shutil.which("nginx") or next(
+            (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
+             if os.access(path, os.X_OK)), None):
+        return found
+    reason = "nginx is not installed (apt-get install nginx): the proxy's config is not run"
+    if os.environ.get("HEADSTART_TEST_REQUIRE_SERVERS"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def runnable_proxy_config(helm: str, tmp: Path, *sets: str) -> Path:
+    """The chart's nginx.conf, with everything it writes under `tmp` instead of /tmp."""
+    config = proxy_config(render(helm, "default-values.yaml", set=sets))
+    path = tmp / "nginx.conf"
+    path.write_text(config.replace(" /tmp/", f" {tmp}/"))
+    return path
+
+
+def test_the_proxy_config_is_valid_nginx(helm, tmp_path):
+    nginx = _nginx()
+    config = runnable_proxy_config(helm, tmp_path, "api.proxy.connectionsPerClient=16")
+
+    result = subprocess.run([nginx, "-t", "-e", "stderr", "-c", str(config)], capture_output=True,
+                            text=True, timeout=30)
+
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_proxy_buffers_slow_clients_in_front_of_a_real_gunicorn(helm, tmp_path):
+    from tests.helpers import call, gunicorn_server, multipart
+    from tests.test_hostile import Trickle, four_images, zip_of
+    from tools.localservers import free_port
+
+    nginx = _nginx()
+    with gunicorn_server(tmp_path / "api", HEADSTART_WEB_THREADS="2") as (base, _, _):
+        proxy_port = free_port()
+        config = runnable_proxy_config(
+            helm, tmp_path, f"api.port={base.rsplit(':', 1)[1]}", f"api.proxy.port={proxy_port}",
+            "api.proxy.headerTimeoutSeconds=2", "api.maxUploadBytes=1000000")
+        log = open(tmp_path / "nginx.log", "wb")
+        proxy = subprocess.Popen([nginx, "-e", "stderr", "-c", str(config)], stdout=log,
+                                 stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{proxy_port}"
+        slow = []
+        try:
+            deadline = time.monotonic() + 10
+            while call_status(url + "/proxyz") != 200:
+                assert proxy.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "nginx.log").read_text()
+                time.sleep(0.1)
+            # Twenty slowloris clients for a gunicorn of two threads, and two stalled bodies.
+            for _ in range(20):
+                slow.append(Trickle(socket.create_connection(("127.0.0.1", proxy_port)),
+                                    b"GET /v1/classifiers HTTP/1.1\r\nHost: x\r\nX-Slow: "))
+            for _ in range(2):
+                slow.append(Trickle(socket.create_connection(("127.0.0.1", proxy_port)),
+                                    b"POST /v1/classifiers HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Length: 900000\r\n\r\n", every_s=60))
+            for client in slow:
+                client.start()
+            time.sleep(0.5)
+
+            started = time.monotonic()
+            listed = call("GET", url + "/v1/classifiers", timeout=10)[0]
+            listed_s = time.monotonic() - started
+            body, content_type = multipart({
+                "dataset": [("d.zip", zip_of(four_images()).getvalue())],
+                "options": '{"max_epochs": 1, "augmentation": {"views": 0}}'})
+            created = call("POST", url + "/v1/classifiers", body, content_type, timeout=30)
+            too_large = call("POST", url + "/v1/classifiers", bytes(1_000_001),
+                             "application/octet-stream", timeout=30)
+        finally:
+            for client in slow:
+                client.stop.set()
+                client.sock.close()
+            proxy.terminate()
+            proxy.wait(timeout=10)
+            log.close()
+
+    assert listed == 200 and listed_s < 1, listed_s
+    assert created[0] == 202, created
+    assert too_large[0] == 413 and too_large[1]["Content-Type"] == "application/problem+json"
+    assert "limit of 1000000 bytes" in too_large[2]["detail"]
+
+
+def call_status(url: str) -> int | None:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except OSError:
+        return None

@@ -153,17 +153,24 @@ def test_options_over_the_feature_budget_are_a_422_naming_the_limit(app):
 
 
 def test_predict_bodies_have_their_own_limit(app):
+    """An upload of that size is welcome; a predict body of it, to a ready classifier (an
+    unknown one is a 404 before any body is read), is a 413 naming the limit."""
     client = app.test_client()
+    dataset = dataset_zip(3)
+    assert len(dataset) > MAX_PREDICT_BYTES
+    accepted = post_dataset(client)
+    assert accepted.status_code == 202, accepted.json
+    classifier_id = accepted.json["id"]
+    deadline = time.monotonic() + 120
+    while client.get(f"/v1/classifiers/{classifier_id}").json["status"] != "ready":
+        assert time.monotonic() < deadline, "the classifier never became ready"
+        time.sleep(0.2)
     too_big = json.dumps({"instances": [{"b64": "A" * MAX_PREDICT_BYTES}]})
     for body, content_type in [(too_big, "application/json"),
                                ({"image": (io.BytesIO(b"A" * MAX_PREDICT_BYTES), "a.png")},
                                 "multipart/form-data")]:
-        response = client.post("/v1/classifiers/clf_00000000000000000000/predict", data=body,
+        response = client.post(f"/v1/classifiers/{classifier_id}/predict", data=body,
                                content_type=content_type)
         assert response.status_code == 413, content_type
         assert response.json["detail"] == \
             f"the request body is larger than the limit of {MAX_PREDICT_BYTES} bytes"
-    dataset = dataset_zip(3)
-    assert len(dataset) > MAX_PREDICT_BYTES  # and an upload of that size is welcome
-    accepted = post_dataset(client)
-    assert accepted.status_code == 202, accepted.json

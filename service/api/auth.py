@@ -54,11 +54,17 @@ def load_api_keys(settings: Settings) -> list[ApiKey]:
 
     Raises:
         ApiKeyConfigError: an entry without a scope, with an unknown scope, with an empty or
-            short key, or the same key with two scopes; an unreadable or empty file.
+            short key, or the same key with two scopes; an unreadable file; a variable that is
+            set but holds no key (blank, commas, only comments): keys fail closed, so a
+            mistyped or empty secret never leaves the API open.
     """
     keys: list[ApiKey] = []
     if settings.api_keys is not None:
-        keys += parse_api_keys(settings.api_keys.get_secret_value(), "HEADSTART_API_KEYS")
+        from_variable = parse_api_keys(settings.api_keys.get_secret_value(), "HEADSTART_API_KEYS")
+        if not from_variable:
+            raise ApiKeyConfigError("HEADSTART_API_KEYS is set but holds no key:scope entries; "
+                                    "give it keys, or unset it to run the API open")
+        keys += from_variable
     if settings.api_keys_file is not None:
         source = f"HEADSTART_API_KEYS_FILE ({settings.api_keys_file})"
         try:

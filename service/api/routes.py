@@ -13,12 +13,23 @@ from service.api.auth import ADMIN, PREDICT, ApiKey, authorize
 from service.api.schemas import (AuthOut, Classifier, ClassifierList, EventsQuery, LabelScore, ListQuery,
                                  Prediction, PredictionResponse, PredictQuery, PredictRequest,
                                  Report, TrainingOptions)
-from service.errors import BadRequest, Forbidden, Unprocessable
+from service.errors import BadRequest, Forbidden, PayloadTooLarge, Unprocessable
 from service.api.schemas import ExportJob, ExportQuery
 from service.jobs import classifiers, events, export, prediction
 from service.jobs.services import Services
 
 api = Blueprint("v1", __name__, url_prefix="/v1")
+
+#: The options of a new classifier are a small JSON document: a form field or file part larger
+#: than this, or with more values than this, is refused before it is parsed.
+# NB: Werkzeug applies the form-field limit to its parser's buffer too, which takes the body
+# 64 KiB at a time whatever the part: a limit near that would refuse file parts.
+MAX_OPTIONS_BYTES = 256 * 1024
+MAX_OPTIONS_VALUES = 1_000
+#: A JSON predict body holds one object per image: a few JSON values each.
+_VALUES_PER_INSTANCE = 4
+#: The summary in a 422's detail names this many fields; `errors` lists more.
+_SUMMARISED_ERRORS = 3
 
 _UPLOAD = {"multipart/form-data": {"schema": {
     "type": "object", "required": ["dataset"],
@@ -50,12 +61,17 @@ def parse(model: type[BaseModel], data, what: str):
     except ValidationError as error:
         problems = [{"field": ".".join(str(part) for part in e["loc"]) or what,
                      "message": e["msg"]} for e in error.errors(include_url=False)]
-        summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+        summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems[:_SUMMARISED_ERRORS])
+        if len(problems) > _SUMMARISED_ERRORS:
+            summary += f" (and {len(problems) - _SUMMARISED_ERRORS} more)"
         raise Unprocessable(f"invalid {what}: {summary}", errors=problems) from None
 
 
-def parse_json(raw: str | bytes, what: str):
-    """Parses JSON a client sent; anything the parser refuses is a 400."""
+def parse_json(raw: str | bytes, what: str, max_values: int):
+    """Parses JSON a client sent; anything the parser refuses is a 400, and so is a document
+    of more than about `max_values` values, refused before it is parsed."""
+    if _most_values(raw) > max_values:
+        raise BadRequest(f"{what} holds more JSON values than the limit of {max_values}")
     try:
         return json.loads(raw)
     except RecursionError:
@@ -64,13 +80,26 @@ def parse_json(raw: str | bytes, what: str):
         raise BadRequest(f"{what} is not valid JSON: {error}") from None
 
 
+def _most_values(raw: str | bytes) -> int:
+    """An upper bound on the values in a JSON document, counted without parsing it: every value
+    but the first follows a comma or opens a container. Text inside strings counts too, which
+    only makes the bound looser."""
+    if isinstance(raw, str):
+        return raw.count(",") + raw.count("[") + raw.count("{") + 1
+    return raw.count(b",") + raw.count(b"[") + raw.count(b"{") + 1
+
+
 def _options() -> TrainingOptions:
-    raw = request.form.get("options")
+    raw = request.form.get("options")  # a form field: MAX_FORM_MEMORY_SIZE bounds it (413)
     if raw is None and "options" in request.files:
-        raw = request.files["options"].read().decode("utf-8", "replace")
+        raw = request.files["options"].read(MAX_OPTIONS_BYTES + 1)
+        if len(raw) > MAX_OPTIONS_BYTES:
+            raise PayloadTooLarge(f"the options part is larger than the limit of "
+                                  f"{MAX_OPTIONS_BYTES} bytes")
+        raw = raw.decode("utf-8", "replace")
     if raw is None or not raw.strip():
         return TrainingOptions()
-    return parse(TrainingOptions, parse_json(raw, "options"), "options")
+    return parse(TrainingOptions, parse_json(raw, "options", MAX_OPTIONS_VALUES), "options")
 
 
 @api.get("/auth")
@@ -97,12 +126,15 @@ def create_classifier():
 
     Answers at once with the queued classifier; poll it until `status` is `ready`.
     """
-    # NB: the slot is taken before the body is read: receiving it is part of the work bounded.
+    request.max_form_memory_size = MAX_OPTIONS_BYTES
+    upload = request.files.get("dataset")  # NB: receives the whole body (spooled to a file)
+    if upload is None:
+        raise BadRequest("send the dataset zip as the multipart part 'dataset'")
+    options = _options()
+    # NB: the slot is taken once the body is in: a slow client holds its own thread, never one
+    # of the few slots for the work that follows (checking and decoding every image).
     with current_app.extensions["headstart.uploads"].slot():
-        upload = request.files.get("dataset")
-        if upload is None:
-            raise BadRequest("send the dataset zip as the multipart part 'dataset'")
-        record = classifiers.create_classifier(services(), upload.stream, _options())
+        record = classifiers.create_classifier(services(), upload.stream, options)
     location = url_for("v1.get_classifier", classifier_id=record.id)
     return json_response(Classifier.from_record(record), 202, Location=location)
 
@@ -168,14 +200,21 @@ def predict(classifier_id: str):
     Send multipart `image` parts, or JSON `{"instances": [{"b64": "..."}]}`.
     """
     query = parse(PredictQuery, request.args.to_dict(), "query")
+    # NB: before the body is read: an unknown or unready classifier costs nothing more.
+    record = prediction.servable_record(services(), classifier_id)
     # NB: its own, smaller limit, enforced by Werkzeug while reading (chunked bodies too).
-    request.max_content_length = services().settings.max_predict_bytes
+    settings = services().settings
+    request.max_content_length = settings.max_predict_bytes
     if request.is_json:
-        body = parse(PredictRequest, parse_json(request.get_data(), "the body"), "body")
+        most = settings.max_predict_images * _VALUES_PER_INSTANCE + _VALUES_PER_INSTANCE
+        body = parse(PredictRequest, parse_json(request.get_data(), "the body", most), "body")
+        prediction.check_image_count(services(), len(body.instances))
         images = prediction.decode_base64_images([instance.b64 for instance in body.instances])
     else:
-        images = [part.read() for part in request.files.getlist("image")]
-    ranked = prediction.predict(services(), classifier_id, images, query.top_k)
+        parts = request.files.getlist("image")
+        prediction.check_image_count(services(), len(parts))
+        images = [part.read() for part in parts]
+    ranked = prediction.predict(services(), record, images, query.top_k)
     return json_response(PredictionResponse(classifier_id=classifier_id, predictions=[
         Prediction(label=pairs[0][0], score=pairs[0][1],
                    top_k=[LabelScore(label=label, score=score) for label, score in pairs])

@@ -27,7 +27,9 @@ class SkippedFileOut(BaseModel):
 class DatasetSummary(BaseModel):
     images: int
     per_label: dict[str, int]
-    skipped: list[SkippedFileOut] = []
+    skipped: list[SkippedFileOut] = Field(
+        [], description="The first skipped files (at most 100), with the reason for each")
+    skipped_total: int = Field(0, description="How many files were skipped in all")
 
 
 class ProgressOut(BaseModel):
@@ -82,6 +84,8 @@ class Classifier(BaseModel):
     def from_record(cls, record: ClassifierRecord) -> Classifier:
         """The public view of a stored record: only the fields this model declares."""
         data = record.model_dump(include=set(cls.model_fields))
+        if data["dataset"].get("skipped_total") is None:  # records written before it was kept
+            data["dataset"]["skipped_total"] = len(data["dataset"]["skipped"])
         for name, model in (("dataset", DatasetSummary), ("progress", ProgressOut)):
             if data.get(name) is not None:
                 data[name] = {key: value for key, value in data[name].items()
@@ -216,7 +220,10 @@ class Problem(BaseModel):
     title: str
     status: int
     detail: str
-    errors: list[dict[str, Any]] | None = None
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="Field-level problems: the first 20")
+    errors_total: int | None = Field(
+        None, description="How many field-level problems there were, when more than 20")
 
 
 class Health(BaseModel):

@@ -21,6 +21,11 @@ log = logging.getLogger(__name__)
 _SPOOL_BYTES = 16 * 1024**2
 #: Training holds the feature array twice (numpy, and the tensor the head trains on).
 _FEATURE_COPIES = 2
+#: The record lists this many skipped files (and counts them all): it is rewritten on every
+#: progress write, so a zip of thousands of junk names must not make it megabytes.
+MAX_SKIPPED_LISTED = 100
+#: A skipped file's path is shown up to this many characters.
+_MAX_SHOWN_PATH = 300
 
 
 def create_classifier(services: Services, dataset_file: IO[bytes],
@@ -37,7 +42,9 @@ def create_classifier(services: Services, dataset_file: IO[bytes],
         id=new_classifier_id(), name=options.name or _default_name(dataset), status="queued",
         labels=dataset.labels, created_at=now, updated_at=now,
         dataset=DatasetInfo(images=len(dataset.images), per_label=dataset.per_label(),
-                            skipped=[vars(skip) for skip in dataset.skipped]),
+                            skipped=[{"path": _shown(skip.path), "reason": skip.reason}
+                                     for skip in dataset.skipped[:MAX_SKIPPED_LISTED]],
+                            skipped_total=len(dataset.skipped)),
         progress=Progress(stage="queued"), backbone=Backbone(**backbone.identity.as_dict()),
         options=options)
     # NB: the archive is spooled to disk past a few MiB, so a big dataset is in memory only once.
@@ -78,6 +85,12 @@ def _size(count: int) -> str:
         if count >= size:
             return f"{count / size:.1f} {unit}"
     return f"{count} bytes"
+def _shown(path: str) -> str:
+    """A path as the record shows it: whole, or its start and end around an ellipsis."""
+    if len(path) <= _MAX_SHOWN_PATH:
+        return path
+    half = _MAX_SHOWN_PATH // 2
+    return f"{path[:half]}…{path[-half:]}"
 
 
 def _default_name(dataset: Dataset) -> str:

@@ -3,7 +3,10 @@
 An upload is untrusted: it is read in memory, member by member, and nothing is ever written under a
 name taken from it (no `extractall`, no files at all). Labels are the top-level folders (a single
 wrapping root folder is allowed); every image is decoded once here so that training never meets a
-file it cannot read.
+file it cannot read, and its decoded pixels are dropped as soon as it has been checked. What it
+may cost is bounded before the work is done: entries are counted from the end of the archive
+before `zipfile` parses its directory, and pixels are counted from each image's header before
+it is decoded.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import lzma
+import os
 import re
 import stat
 import struct
@@ -21,7 +25,7 @@ import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 
-from models.preprocessing import ImageDecodeError, decode_image
+from models.preprocessing import ImageDecodeError, decode_image, read_header
 from service.errors import BadRequest, PayloadTooLarge, Unprocessable
 from service.storage.archive import Dataset, DatasetImage, SkippedFile
 
@@ -31,6 +35,11 @@ MIN_IMAGES_PER_LABEL = 2
 
 #: Members are read this many bytes at a time, so a limit is passed by at most one chunk.
 _CHUNK_BYTES = 1024 * 1024
+#: A label is a folder name; longer ones are refused (255 is what most file systems allow).
+MAX_LABEL_LENGTH = 255
+#: An image file over this size that takes more than a byte per pixel (BMP, uncompressed PNG) is
+#: kept re-encoded as PNG when that is smaller: it decodes to the same pixels.
+_RECODE_MIN_BYTES = 256 * 1024
 
 _UTF8_NAME_FLAG = 0x800
 _ENCRYPTED_FLAG = 0x1
@@ -52,6 +61,16 @@ _CORRUPT_ZIP_ERRORS = (
     zipfile.BadZipFile, OSError, EOFError, ValueError, struct.error, zlib.error, lzma.LZMAError,
 )
 
+# The zip records read before zipfile is given the archive (APPNOTE 4.3.12, 4.3.14–16).
+_END_RECORD = struct.Struct("<4s4H2LH")  # signature, disks, entries here, entries, size, offset, comment
+_END_RECORD_SIGNATURE = b"PK\x05\x06"
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_LOCATOR_SIGNATURE = b"PK\x06\x07"
+_ZIP64_END_RECORD = struct.Struct("<4sQ2H2L4Q")  # …, entries here, entries, size, offset
+_ZIP64_END_RECORD_SIGNATURE = b"PK\x06\x06"
+_CENTRAL_HEADER_SIZE = 46
+_CENTRAL_HEADER_SIGNATURE = b"PK\x01\x02"
+_MAX_COMMENT = 0xFFFF
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,8 @@ class DatasetLimits:
     max_uncompressed_bytes: int = 2 * 1024**3  # all members read, together
     max_image_bytes: int = 50 * 1024**2  # one member
     max_image_pixels: int = 40_000_000
+    max_dataset_pixels: int = 4_000_000_000  # all images, from their headers: bounds decoding CPU
+    max_labels: int = 1_000
 
 
 def read_dataset_zip(stream: typing.BinaryIO, limits: DatasetLimits = DatasetLimits()) -> Dataset:
@@ -69,16 +90,14 @@ def read_dataset_zip(stream: typing.BinaryIO, limits: DatasetLimits = DatasetLim
 
     Raises:
         BadRequest: not a zip, a corrupt or unsafe archive, a label with control characters.
-        PayloadTooLarge: too many members, or more uncompressed bytes than allowed.
-        Unprocessable: no files, labels that collide, too few labels or images per label.
+        PayloadTooLarge: too many members, more uncompressed bytes or decoded pixels than allowed.
+        Unprocessable: no files, labels that collide, too many or too long labels, too few labels
+            or images per label.
     """
-    with _open_archive(stream) as archive:
+    with _open_archive(stream, limits.max_members) as archive:
         infos = archive.infolist()
-        # NB: counted from the central directory before any member data is touched.
         if len(infos) > limits.max_members:
-            raise PayloadTooLarge(
-                f"the archive has {len(infos)} entries, more than the limit of {limits.max_members}"
-            )
+            raise _too_many_entries(len(infos), limits.max_members)
         members = [member for member in map(_checked_member, infos) if not _is_ignored(member)]
         files = [member for member in members if not member.is_dir]
         if not files:
@@ -86,6 +105,7 @@ def read_dataset_zip(stream: typing.BinaryIO, limits: DatasetLimits = DatasetLim
         _refuse_nested_archive_names(files)
         depth = _label_depth(members)
         labels = _labels(members, depth)
+        _check_label_names(set(labels.values()), limits.max_labels)
         images, skipped, skipped_by_label = _read_images(archive, files, depth, labels, limits)
     label_names = sorted(set(labels.values()))
     _check_counts(label_names, images, skipped_by_label)
@@ -103,18 +123,74 @@ class _Member:
     is_dir: bool
 
 
-def _open_archive(stream: typing.BinaryIO) -> zipfile.ZipFile:
-    """Opens the upload as a zip, or raises BadRequest."""
+def _open_archive(stream: typing.BinaryIO, max_members: int) -> zipfile.ZipFile:
+    """Opens the upload as a zip, or raises BadRequest (PayloadTooLarge: too many entries)."""
     if not _seekable(stream):
         # zipfile needs to seek (the central directory is at the end); the upload's size is already
         # capped by the request limit, so holding it in memory is bounded.
         stream = io.BytesIO(stream.read())
     try:
+        _count_entries(stream, max_members)
+        stream.seek(0)
         return zipfile.ZipFile(stream)
     except NotImplementedError as error:  # e.g. "zip file version 6.4" (needs newer features)
         raise BadRequest(f"the dataset zip uses unsupported features ({error})") from None
     except _CORRUPT_ZIP_ERRORS as error:
         raise BadRequest(f"the dataset is not a readable zip archive ({error})") from None
+
+
+def _count_entries(stream: typing.BinaryIO, limit: int) -> None:
+    """Refuses an archive of more than `limit` entries before zipfile parses its directory.
+
+    zipfile builds an object per central-directory entry (a 47 MB zip of a million entries cost
+    343 MB and 4.6 s), and it reads every header in the directory whatever the end record's count
+    says; so the count is checked, then the headers are counted, up to `limit` + 1. An archive
+    these records do not describe is left for zipfile to refuse.
+
+    Raises:
+        PayloadTooLarge: more than `limit` entries.
+    """
+    size = stream.seek(0, os.SEEK_END)
+    tail_start = max(0, size - _END_RECORD.size - _MAX_COMMENT)
+    stream.seek(tail_start)
+    tail = stream.read()
+    at = tail.rfind(_END_RECORD_SIGNATURE)
+    if at < 0 or at + _END_RECORD.size > len(tail):
+        return
+    *_, entries, directory_size, _offset, _comment = _END_RECORD.unpack_from(tail, at)
+    end = tail_start + at  # where the directory (and any zip64 records) stops
+    locator = end - _ZIP64_LOCATOR.size
+    if locator - _ZIP64_END_RECORD.size >= 0:
+        stream.seek(locator - _ZIP64_END_RECORD.size)
+        records = stream.read(_ZIP64_END_RECORD.size + _ZIP64_LOCATOR.size)
+        if records[_ZIP64_END_RECORD.size:][:4] == _ZIP64_LOCATOR_SIGNATURE:
+            record = _ZIP64_END_RECORD.unpack_from(records)
+            if record[0] == _ZIP64_END_RECORD_SIGNATURE:
+                entries, directory_size = max(entries, record[7]), record[8]
+                end = locator - _ZIP64_END_RECORD.size
+    if entries > limit:
+        raise _too_many_entries(entries, limit)
+    start = end - directory_size
+    if start < 0:
+        return
+    # Headers are read a block at a time; a name or extra field longer than a block is skipped.
+    block, at, position, counted = b"", 0, start, 0
+    while position + _CENTRAL_HEADER_SIZE <= end:
+        if at + _CENTRAL_HEADER_SIZE > len(block):
+            stream.seek(position)
+            block, at = stream.read(min(_CHUNK_BYTES, end - position)), 0
+        if block[at:at + 4] != _CENTRAL_HEADER_SIGNATURE:
+            return
+        counted += 1
+        if counted > limit:
+            raise PayloadTooLarge(f"the archive has more entries than the limit of {limit}")
+        name, extra, comment = struct.unpack_from("<3H", block, at + 28)
+        step = _CENTRAL_HEADER_SIZE + name + extra + comment
+        at, position = at + step, position + step
+
+
+def _too_many_entries(entries: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"the archive has {entries} entries, more than the limit of {limit}")
 
 
 def _seekable(stream: typing.BinaryIO) -> bool:
@@ -207,6 +283,17 @@ def _labels(members: list[_Member], depth: int) -> dict[str, str]:
     return labels
 
 
+def _check_label_names(labels: set[str], max_labels: int) -> None:
+    """Refuses more labels than a head may have, and label folder names too long to show."""
+    if len(labels) > max_labels:
+        raise _unprocessable([f"the dataset has {len(labels)} labels (top-level folders), more "
+                              f"than the limit of {max_labels}"])
+    too_long = sorted(label for label in labels if len(label) > MAX_LABEL_LENGTH)
+    if too_long:
+        raise _unprocessable([f"a label folder name is longer than {MAX_LABEL_LENGTH} characters: "
+                              f"{too_long[0][:40]!r}…"])
+
+
 def _refuse_case_clashes(labels: set[str]) -> None:
     """Refuses labels that differ only in letter case: a classifier's labels must be unambiguous."""
     by_key: dict[str, list[str]] = defaultdict(list)
@@ -229,7 +316,7 @@ def _read_images(
     limits: DatasetLimits,
 ) -> tuple[list[DatasetImage], list[SkippedFile], dict[str, list[SkippedFile]]]:
     """Reads and decodes every file in a label folder: images, skipped, and skipped per label."""
-    budget = _Budget(limits.max_uncompressed_bytes)
+    budget = _Budget(limits.max_uncompressed_bytes, limits.max_dataset_pixels)
     images: list[DatasetImage] = []
     skipped: list[SkippedFile] = []
     skipped_by_label: dict[str, list[SkippedFile]] = defaultdict(list)
@@ -258,31 +345,55 @@ def _read_images(
 def _image_bytes(
     archive: zipfile.ZipFile, member: _Member, limits: DatasetLimits, budget: _Budget
 ) -> tuple[bytes | None, str]:
-    """A member's bytes when they are a usable image, else None and the reason to skip it."""
+    """The bytes to keep of a member when it is a usable image, else None and the reason to
+    skip it."""
     data = _read_member(archive, member, limits, budget)
     if data is None:
         return None, (f"file is larger than {_format_bytes(limits.max_image_bytes)}, "
                       "the limit for one image")
     try:
-        decode_image(data, max_pixels=limits.max_image_pixels)
+        header = read_header(data, max_pixels=limits.max_image_pixels)
+        budget.spend_pixels(header.pixels)  # before decoding: the budget bounds decoding time
+        image = decode_image(data, max_pixels=limits.max_image_pixels)
     except ImageDecodeError as error:
         return None, error.reason
+    if len(data) > max(_RECODE_MIN_BYTES, header.pixels):
+        data = _smaller_as_png(data, image)
     return data, ""
 
 
-class _Budget:
-    """Uncompressed bytes the whole upload may still unpack to; refuses the upload once spent."""
+def _smaller_as_png(data: bytes, image) -> bytes:
+    """The decoded image as a PNG when that is smaller than the file (a solid-colour 4000²
+    BMP: 48 MB → 0.2 MB). `load_image` reads the PNG to exactly the pixels it reads from the
+    original, which is already upright and RGB."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", compress_level=1)  # NB: fast; the point is to bound, not to squeeze
+    return buffer.getvalue() if buffer.tell() < len(data) else data
 
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
+
+class _Budget:
+    """What the whole upload may still cost: uncompressed bytes and decoded pixels. Refuses the
+    upload as soon as either is spent."""
+
+    def __init__(self, max_bytes: int, max_pixels: int):
+        self.max_bytes, self.max_pixels = max_bytes, max_pixels
+        self.bytes = self.pixels = 0
 
     def spend(self, count: int) -> None:
         """Counts bytes just read; raises PayloadTooLarge as soon as the total passes the limit."""
-        self.used += count
-        if self.used > self.limit:
+        self.bytes += count
+        if self.bytes > self.max_bytes:
             raise PayloadTooLarge(
-                f"the archive unpacks to more than {_format_bytes(self.limit)}, "
+                f"the archive unpacks to more than {_format_bytes(self.max_bytes)}, "
+                "the limit for a dataset"
+            )
+
+    def spend_pixels(self, count: int) -> None:
+        """Counts an image's pixels before it is decoded; raises PayloadTooLarge past the limit."""
+        self.pixels += count
+        if self.pixels > self.max_pixels:
+            raise PayloadTooLarge(
+                f"the images of the archive decode to more than {self.max_pixels:,} pixels, "
                 "the limit for a dataset"
             )
 

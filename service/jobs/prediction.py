@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 
 import numpy as np
 
 from models.prediction import apply_head, rank
 from models.preprocessing import ImageDecodeError, load_image
-from service.errors import BadRequest, Conflict, Unprocessable
+from service.errors import BadRequest, Conflict, ServiceUnavailable, Unprocessable
 from service.jobs.services import Services
+from service.storage.records import ClassifierRecord
 
 
 def decode_base64_images(encoded: list[str]) -> list[bytes]:
@@ -36,18 +38,40 @@ def check_image_count(services: Services, count: int) -> None:
                          f"{services.settings.max_predict_images} (HEADSTART_MAX_PREDICT_IMAGES)")
 
 
-def predict(services: Services, classifier_id: str, images: list[bytes],
-            top_k: int) -> list[list[tuple[str, float]]]:
-    """The top_k (label, score) pairs for each image, in request order, best first."""
-    check_image_count(services, len(images))
+def servable_record(services: Services, classifier_id: str) -> ClassifierRecord:
+    """The record of a classifier that can predict: checked before the request body is read.
+
+    Raises:
+        NotFound: no such classifier. Conflict: it is not ready.
+    """
     record = services.store.load_record(classifier_id)
     if record.status != "ready":
         raise Conflict(f"classifier {classifier_id} is {record.status}, not ready")
+    return record
+
+
+def predict(services: Services, record: ClassifierRecord, images: list[bytes],
+            top_k: int) -> list[list[tuple[str, float]]]:
+    """The top_k (label, score) pairs for each image, in request order, best first.
+
+    Decoding counts against `predict_timeout_s` as waiting for the backbone does.
+    """
+    check_image_count(services, len(images))
+    timeout_s = services.settings.predict_timeout_s
+    deadline = time.monotonic() + timeout_s
     size = services.backbone.get().image_size
-    pixels = np.stack([_decode(data, index, size, services.settings.max_image_pixels)
-                       for index, data in enumerate(images)])
+    decoded = []
+    for index, data in enumerate(images):
+        if time.monotonic() > deadline:
+            raise ServiceUnavailable(
+                f"prediction did not finish within {timeout_s:g} s: decoding the first {index} "
+                f"of {len(images)} images took that long; send fewer or smaller images",
+                headers={"Retry-After": "5"})
+        decoded.append(_decode(data, index, size, services.settings.max_image_pixels))
     head = services.heads.get(record)
-    scores = services.backbone.features(pixels, lambda features: apply_head(head, features))
+    scores = services.backbone.features(np.stack(decoded),
+                                        lambda features: apply_head(head, features),
+                                        deadline=deadline)
     services.metrics.predictions(len(images))
     return rank(scores, record.labels, min(top_k, len(record.labels)))
 

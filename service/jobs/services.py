@@ -30,4 +30,6 @@ class Services:
         return DatasetLimits(max_members=s.max_dataset_members,
                              max_uncompressed_bytes=s.max_dataset_bytes,
                              max_image_bytes=s.max_image_bytes,
-                             max_image_pixels=s.max_image_pixels)
+                             max_image_pixels=s.max_image_pixels,
+                             max_dataset_pixels=s.max_dataset_pixels,
+                             max_labels=s.max_labels)

@@ -93,13 +93,14 @@ class BackboneHolder:
     def identity(self):
         return self.get().identity
 
-    def features(self, images, then=None, upper=None):
+    def features(self, images, then=None, upper=None, deadline: float | None = None):
         """Backbone features for a request's images through the shared batching queue, with
         `then` applied to them on the batching thread (`upper`: a fine-tuned classifier's
-        own blocks)."""
+        own blocks); `deadline` (time.monotonic) bounds the wait instead of the batcher's own
+        timeout."""
         self.get()
         self.check_batcher()
-        return self._batcher.features(images, then, upper)
+        return self._batcher.features(images, then, upper, deadline=deadline)
 
     def check_batcher(self) -> str:
         """"ok" while the batching thread runs; if it has stopped, starts a new one and says

@@ -83,11 +83,12 @@ class FeatureBatcher:
 
     def features(self, images: np.ndarray,
                  then: Callable[[np.ndarray], np.ndarray] | None = None,
-                 upper=None) -> np.ndarray:
+                 upper=None, deadline: float | None = None) -> np.ndarray:
         """Backbone features of `images` (batch, size, size, 3), computed in shared passes, with
         `then` (e.g. a classifier's head) applied to them on the batching thread. `upper` is a
         fine-tuned classifier's own blocks: its rows share the frozen blocks' pass, then go
-        through them instead of the shared ones.
+        through them instead of the shared ones. `deadline` (time.monotonic) replaces now +
+        `timeout_s`, for a request that spent time before.
 
         Raises:
             Overloaded: the queue holds too many images already; retry shortly.
@@ -104,7 +105,8 @@ class FeatureBatcher:
             self._pending.extend(chunks)
             self._queued += len(images)
             self._cond.notify()
-        deadline = time.monotonic() + self.timeout_s
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout_s
         for chunk in chunks:
             if not chunk.done.wait(max(0.0, deadline - time.monotonic())):
                 self._abandon(chunks)

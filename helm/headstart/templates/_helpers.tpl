@@ -136,12 +136,13 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 
 {{/* Pod annotations: checksums roll the pods when the ConfigMap or Secret changes; then the
      global annotations, then the component's. Takes (dict "ctx" $ "component" .Values.api
-     "scrapePort" 8000). */}}
+     "scrapePort" 8000), and optionally "extra": more annotations (the proxy's checksum). */}}
 {{- define "headstart.podAnnotations" -}}
 {{- $ctx := .ctx }}
 {{- $annotations := dict
       "checksum/config" (include (print $ctx.Template.BasePath "/configmap.yaml") $ctx | sha256sum)
       "checksum/secret" (include "headstart.secretEnv" $ctx | sha256sum) }}
+{{- $annotations = merge $annotations (.extra | default dict) }}
 {{- if $ctx.Values.metrics.scrapeAnnotations }}
 {{- $_ := set $annotations "prometheus.io/scrape" "true" }}
 {{- $_ := set $annotations "prometheus.io/port" (toString .scrapePort) }}
