@@ -47,7 +47,9 @@ def predict(services: Services, classifier_id: str, images: list[bytes],
     pixels = np.stack([_decode(data, index, size, services.settings.max_image_pixels)
                        for index, data in enumerate(images)])
     head = services.heads.get(record)
-    scores = services.backbone.features(pixels, lambda features: apply_head(head, features))
+    # NB: through a backbone of the precision the head was trained on (service.serving.backbone)
+    scores = services.backbone.features(pixels, lambda features: apply_head(head, features),
+                                        precision=record.features_precision)
     services.metrics.predictions(len(images))
     return rank(scores, record.labels, min(top_k, len(record.labels)))
 

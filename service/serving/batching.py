@@ -10,6 +10,11 @@ throughput at concurrency 8 with power-of-two buckets, 1.0 without). Each reques
 TensorFlow calls from request threads running beside the backbone's pass slowed it 2.4x here
 (thread pools and the GIL fighting), so request threads only decode images.
 
+A process may hold a second backbone, in another precision, for classifiers trained in it
+(`service.serving.backbone`): its requests go through the same queue and thread, and a pass
+takes only chunks of one backbone (that of the oldest waiting chunk), so two backbones never
+run at once and neither waits behind the other for more than a pass.
+
 The queue is bounded in images: a request that would overflow it is refused at once with a 503
 (`Overloaded`), and a request waits at most `timeout_s` for its features.
 """
@@ -43,6 +48,7 @@ class _Chunk:
 
     images: np.ndarray
     then: Callable[[np.ndarray], np.ndarray] | None = None
+    backbone: object = None
     done: threading.Event = field(default_factory=threading.Event)
     features: np.ndarray | None = None
     error: BaseException | None = None
@@ -66,15 +72,18 @@ class FeatureBatcher:
         return self._queued
 
     def features(self, images: np.ndarray,
-                 then: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+                 then: Callable[[np.ndarray], np.ndarray] | None = None,
+                 backbone=None) -> np.ndarray:
         """Backbone features of `images` (batch, size, size, 3), computed in shared passes, with
-        `then` (e.g. a classifier's head) applied to them on the batching thread.
+        `then` (e.g. a classifier's head) applied to them on the batching thread; `backbone`
+        (default: this batcher's) is the one to compute them with.
 
         Raises:
             Overloaded: the queue holds too many images already; retry shortly.
             ServiceUnavailable: the features did not come within `timeout_s`.
         """
-        chunks = [_Chunk(images[start:start + self.max_batch], then)
+        backbone = backbone if backbone is not None else self.backbone
+        chunks = [_Chunk(images[start:start + self.max_batch], then, backbone)
                   for start in range(0, len(images), self.max_batch)]
         with self._cond:
             if self._queued + len(images) > self.max_queued:
@@ -110,11 +119,18 @@ class FeatureBatcher:
             deadline = time.monotonic() + self.max_wait_s
             while self._queued < self.max_batch and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
-            batch, count = [], 0
-            while self._pending and count + len(self._pending[0].images) <= self.max_batch:
+            batch, count, skipped = [], 0, []
+            backbone = self._pending[0].backbone
+            while self._pending:
+                if self._pending[0].backbone is not backbone:  # another precision's: next pass
+                    skipped.append(self._pending.popleft())
+                    continue
+                if count + len(self._pending[0].images) > self.max_batch:
+                    break
                 chunk = self._pending.popleft()
                 batch.append(chunk)
                 count += len(chunk.images)
+            self._pending.extendleft(reversed(skipped))
             self._queued -= count
             return batch
 
@@ -123,7 +139,7 @@ class FeatureBatcher:
             batch = self._take_batch()
             images = np.concatenate([chunk.images for chunk in batch])
             try:
-                features = self.backbone.features(images)
+                features = batch[0].backbone.features(images)
             except Exception as error:  # handed to the waiting requests, which raise it
                 log.exception("backbone pass failed")
                 for chunk in batch:
