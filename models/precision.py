@@ -27,8 +27,10 @@ would flip between replicas. A masked flag (some hypervisors hide AVX-512) gives
 safe side. bench/precision.py times float32 against bfloat16 (a matmul and the backbone) on the
 machine it runs on, as the confirmation the flags stand in for.
 
-Mixed policies compute in 16 bits and keep float32 variables; the backbone casts its pooled
-outputs back to float32, so features, heads and their sums are float32 whatever the policy. For
+Mixed policies compute in 16 bits and keep float32 variables; oneDNN and cuDNN accumulate each
+layer's bfloat16 products in float32 and round its output to bfloat16. The backbone casts the
+layers it pools to float32 before pooling, so the spatial sums, the features and the heads are
+float32 whatever the policy. For
 fine-tuning, `mixed_bfloat16` is Keras's mixed policy as it is: bfloat16 compute, float32 master
 weights, and optimizer state in the variables' dtype (float32); bfloat16 has float32's exponent
 range, so no loss scaling is needed (Keras adds loss scaling by itself for `mixed_float16`).

@@ -395,3 +395,14 @@ def test_a_worker_of_another_precision_trains_in_the_classifiers(tmp_path, backb
 
     assert json.loads(worker.store.load_report(record))["precision"] == "mixed_bfloat16"
     assert worker.backbone.precisions == ["float32", "mixed_bfloat16"]
+
+
+def test_the_configured_backbone_computes_in_the_automatic_choice(tmp_path):
+    from service.config import Settings
+    from service.serving.backbone import load_configured_backbone
+
+    loaded = load_configured_backbone(Settings(backbone_weights="random", image_size=32,
+                                               weights_cache=tmp_path, precision="auto"))
+    choice = resolve("auto")
+    assert (loaded.precision, loaded.identity.precision_reason) == (choice.policy, choice.reason)
+    assert loaded.identity.precision_reason.startswith("auto: ")
