@@ -8,6 +8,11 @@ the same single backbone pass (bench/RESULTS.md has the measured accuracies).
 Every classifier is a head on top of these features. The base is frozen and called through one
 compiled `tf.function` with a fixed input signature, so it traces once per process.
 
+The base computes in the precision `models.precision` chooses (float32, or bfloat16 with float32
+weights); its pooled outputs are cast to float32 before pooling, so features are float32 either
+way. A head is exact only on features of the precision it was trained in: the precision is part
+of the identity, and `in_precision` builds the same weights in another one.
+
 NB: a later fine-tuning option makes a classifier "block5 + head": `features(…, upto="block4_pool")`
 is where blocks 1-4 (shared) end and a per-classifier block 5 would start.
 """
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +29,7 @@ import tensorflow as tf
 import keras
 
 from models import weights as vgg16_weights
+from models.precision import POLICIES, Choice, policy_scope
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +49,13 @@ class BackboneIdentity:
     image_size: int
     source: str           # where the weights came from, e.g. "keras cache", a file path
     fingerprint: str
+    precision: str = "float32"          # the Keras dtype policy features are computed in
+    precision_reason: str | None = None  # why, e.g. "auto: avx512_bf16"
 
     def as_dict(self) -> dict:
         return {"name": self.name, "weights": self.weights, "image_size": self.image_size,
-                "features": FEATURES, "source": self.source, "fingerprint": self.fingerprint}
+                "features": FEATURES, "source": self.source, "fingerprint": self.fingerprint,
+                "precision": self.precision, "precision_reason": self.precision_reason}
 
 
 class Backbone:
@@ -118,6 +127,22 @@ class Backbone:
         for batch in batch_sizes:
             self._compiled(tf.zeros((batch, self.image_size, self.image_size, 3), tf.float32))
 
+    def in_precision(self, choice: Choice | str) -> Backbone:
+        """The same weights computing in another precision (a new model; this one is unchanged).
+
+        Copies the float32 variables, so no file is read again; the fingerprint is checked.
+        """
+        choice = choice if isinstance(choice, Choice) else Choice(choice, "set explicitly")
+        model = build_vgg16(self.image_size, choice.policy)
+        model.set_weights(self.model.get_weights())
+        fingerprint = vgg16_weights.model_fingerprint(model)
+        if fingerprint != self.identity.fingerprint:  # cannot happen: the same float32 values
+            raise vgg16_weights.WeightsMismatch(
+                f"the {choice.policy} copy of the backbone has fingerprint {fingerprint}, "
+                f"not {self.identity.fingerprint}")
+        return Backbone(model, replace(self.identity, precision=choice.policy,
+                                       precision_reason=choice.reason))
+
 
 def pool_features(block4_pool: tf.Tensor, block5_conv3: tf.Tensor,
                   block5_pool: tf.Tensor) -> tf.Tensor:
@@ -147,8 +172,7 @@ def device_name() -> str:
     return f"GPU: {details.get('device_name', gpus[0].name)}"
 
 
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-_POLICY_LOCK = threading.Lock()
+PRECISIONS = POLICIES
 
 
 def build_vgg16(image_size: int, precision: str = "float32") -> keras.Model:
@@ -163,14 +187,9 @@ def build_vgg16(image_size: int, precision: str = "float32") -> keras.Model:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}. Received: {precision!r}")
     # NB: keras.applications takes no dtype; the global policy is set for the build only.
-    with _POLICY_LOCK:
-        previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(precision)
-        try:
-            model = keras.applications.VGG16(
-                include_top=False, weights=None, input_shape=(image_size, image_size, 3))
-        finally:
-            keras.config.set_dtype_policy(previous)
+    with policy_scope(precision):
+        model = keras.applications.VGG16(
+            include_top=False, weights=None, input_shape=(image_size, image_size, 3))
     model.trainable = False
     return model
 
@@ -190,7 +209,7 @@ def _initialise(model: keras.Model, seed: int) -> None:
 
 
 def load_backbone(weights: str | Path, image_size: int, *, source: str | None = None,
-                  seed: int = 0, precision: str = "float32") -> Backbone:
+                  seed: int = 0, precision: Choice | str = "float32") -> Backbone:
     """Builds the backbone.
 
     Args:
@@ -200,18 +219,21 @@ def load_backbone(weights: str | Path, image_size: int, *, source: str | None = 
         image_size: input side in pixels.
         source: where the file came from, for the backbone's identity (default: its path).
         seed: initialisation seed for "random".
-        precision: the dtype policy of the backbone's computation (see `build_vgg16`); features
-            are float32 whatever it is.
+        precision: the dtype policy of the backbone's computation (see `build_vgg16`), or a
+            `models.precision.Choice` that also says why (part of the identity); features are
+            float32 whatever it is.
     """
     _grow_gpu_memory()
-    model = build_vgg16(image_size, precision)
+    choice = precision if isinstance(precision, Choice) else Choice(precision, "set explicitly")
+    model = build_vgg16(image_size, choice.policy)
+    chosen = {"precision": choice.policy, "precision_reason": choice.reason}
     if weights == RANDOM:
         _initialise(model, seed)
         log.warning("backbone weights are RANDOM: for development and tests only, "
                     "predictions are meaningless")
         # NB: fingerprinted too, so API replicas and workers can check they hold the same one.
         identity = BackboneIdentity(NAME, RANDOM, image_size, f"random initialisation, seed {seed}",
-                                    vgg16_weights.model_fingerprint(model))
+                                    vgg16_weights.model_fingerprint(model), **chosen)
         return Backbone(model, identity)
     if weights == "imagenet":
         raise ValueError('weights must be "random" or a file; resolve "imagenet" first with '
@@ -223,6 +245,7 @@ def load_backbone(weights: str | Path, image_size: int, *, source: str | None = 
         raise vgg16_weights.WeightsMismatch(
             f"weights from {source} do not match the VGG16 ImageNet fingerprint "
             f"(got {fingerprint})")
-    log.info("backbone vgg16 imagenet weights loaded from %s (fingerprint %s…)",
-             source, fingerprint[:12])
-    return Backbone(model, BackboneIdentity(NAME, "imagenet", image_size, source, fingerprint))
+    log.info("backbone vgg16 imagenet weights loaded from %s (fingerprint %s…), computing in %s "
+             "(%s)", source, fingerprint[:12], choice.policy, choice.reason)
+    return Backbone(model, BackboneIdentity(NAME, "imagenet", image_size, source, fingerprint,
+                                            **chosen))

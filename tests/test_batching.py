@@ -211,6 +211,7 @@ class DiesOnce:
     def __init__(self, backbone):
         self.backbone, self.died = backbone, False
         self.image_size, self.feature_dim = backbone.image_size, backbone.feature_dim
+        self.precision, self.identity = backbone.precision, backbone.identity
 
     def features(self, pixels):
         if not self.died:
@@ -239,7 +240,8 @@ def test_readiness_fails_once_for_a_stopped_batcher_which_is_restarted(tmp_path)
     holder.get(wait=True)
     assert client.get("/readyz").json["checks"]["batcher"] == "ok"
     first = holder._batcher
-    first.backbone = DiesOnce(first.backbone)  # its next pass ends the thread
+    real = holder.get()
+    holder._backbone = DiesOnce(real)  # the next pass, on the chunk's backbone, ends the thread
 
     with pytest.raises(ServiceUnavailable, match="batching thread stopped"):
         holder.features(images(1))
@@ -248,6 +250,7 @@ def test_readiness_fails_once_for_a_stopped_batcher_which_is_restarted(tmp_path)
     assert unready.status_code == 503
     assert unready.json["checks"]["batcher"] == \
         "restarted: the batching thread had stopped (Fatal: a bug in the batching thread)"
+    holder._backbone = real
     assert client.get("/readyz").status_code == 200
     assert holder.features(images(2)).shape == (2, holder.get().feature_dim)
     assert holder.batcher_restarts == 1

@@ -50,7 +50,8 @@ def readyz():
             checks[name] = error.detail
     ready = all(value == "ok" for value in checks.values())
     identity = BackboneOut(**s.backbone.identity().as_dict()) if s.backbone.ready else None
-    body = Readiness(ready=ready, checks=checks, backbone=identity)
+    body = Readiness(ready=ready, checks=checks, backbone=identity,
+                     precisions=s.backbone.precisions)
     return json_response(body, 200 if ready else 503)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.export import FORMATS as EXPORT_FORMATS
 from models.options import AugmentationOptions, HeadOptions, Strict, TrainingOptions
@@ -57,6 +57,16 @@ class BackboneOut(BaseModel):
     features: str | None = Field(None, description="How a feature vector is pooled from the base")
     source: str | None = None
     fingerprint: str | None = None
+    precision: str = Field("float32", description="The compute precision the features come from "
+                                                  "(a Keras dtype policy); a head is trained and "
+                                                  "served on one")
+    precision_reason: str | None = Field(
+        None, description='Why, e.g. "auto: avx512_bf16" or "set explicitly"')
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _float32_before_it_was_stored(cls, value):
+        return "float32" if value is None else value
 
 
 class ErrorOut(BaseModel):
@@ -238,6 +248,9 @@ class Readiness(BaseModel):
     ready: bool
     checks: dict[str, Annotated[str, Field(description='"ok" or the reason it is not')]]
     backbone: BackboneOut | None = None
+    precisions: list[str] = Field(
+        [], description="The precisions this process computes in: its own (backbone.precision) "
+                        "first, then any loaded to serve classifiers trained in another")
 
 
 # ---------------------------------------------------------------- export

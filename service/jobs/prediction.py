@@ -69,9 +69,10 @@ def predict(services: Services, record: ClassifierRecord, images: list[bytes],
                 headers={"Retry-After": "5"})
         decoded.append(_decode(data, index, size, services.settings.max_image_pixels))
     head = services.heads.get(record)
+    # NB: through a backbone of the precision the head was trained on (service.serving.backbone)
     scores = services.backbone.features(np.stack(decoded),
                                         lambda features: apply_head(head, features),
-                                        deadline=deadline)
+                                        deadline=deadline, precision=record.features_precision)
     services.metrics.predictions(len(images))
     return rank(scores, record.labels, min(top_k, len(record.labels)))
 

@@ -125,7 +125,8 @@ def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
         services.store.load_dataset(record.id, archive)
         archive.seek(0)
         dataset = Dataset.from_archive(archive)
-    backbone = services.backbone.get(wait=True)
+    # NB: in the precision the classifier was created for (the API's), which it is served in
+    backbone = services.backbone.get(wait=True, precision=record.features_precision)
     _check_same_backbone(record, backbone.identity.as_dict())
     label_index = {label: i for i, label in enumerate(record.labels)}
     return training.train_classifier(
@@ -140,7 +141,7 @@ def _report(services: Services, run: TrainingRun, result: training.TrainingResul
     record = run.record
     return {"classifier_id": record.id, "options": record.options.model_dump(mode="json"),
             "backbone": record.backbone.model_dump(mode="json"), "device": device_name(),
-            "precision": services.backbone.get().precision, **result.report}
+            "precision": record.features_precision, **result.report}
 
 
 def _check_same_backbone(record: ClassifierRecord, worker: dict) -> None:

@@ -10,6 +10,11 @@ throughput at concurrency 8 with power-of-two buckets, 1.0 without). Each reques
 TensorFlow calls from request threads running beside the backbone's pass slowed it 2.4x here
 (thread pools and the GIL fighting), so request threads only decode images.
 
+A process may hold a second backbone, in another precision, for classifiers trained in it
+(`service.serving.backbone`): its requests go through the same queue and thread, and a pass
+takes only chunks of one backbone (that of the oldest waiting chunk), so two backbones never
+run at once and neither waits behind the other for more than a pass.
+
 The queue is bounded in images: a request that would overflow it is refused at once with a 503
 (`Overloaded`), and a request waits at most `timeout_s` for its features. Should the batching
 thread ever stop, `alive` says so (the holder restarts it, /readyz reports it) and the requests it
@@ -46,6 +51,7 @@ class _Chunk:
     images: np.ndarray
     then: Callable[[np.ndarray], np.ndarray] | None = None
     upper: object | None = None  # a fine-tuned classifier's own blocks (models.finetune)
+    backbone: object = None  # the backbone of the precision the classifier was trained in
     done: threading.Event = field(default_factory=threading.Event)
     features: np.ndarray | None = None
     error: BaseException | None = None
@@ -83,18 +89,20 @@ class FeatureBatcher:
 
     def features(self, images: np.ndarray,
                  then: Callable[[np.ndarray], np.ndarray] | None = None,
-                 upper=None, deadline: float | None = None) -> np.ndarray:
+                 upper=None, deadline: float | None = None, backbone=None) -> np.ndarray:
         """Backbone features of `images` (batch, size, size, 3), computed in shared passes, with
         `then` (e.g. a classifier's head) applied to them on the batching thread. `upper` is a
         fine-tuned classifier's own blocks: its rows share the frozen blocks' pass, then go
         through them instead of the shared ones. `deadline` (time.monotonic) replaces now +
-        `timeout_s`, for a request that spent time before.
+        `timeout_s`, for a request that spent time before. `backbone` (default: this
+        batcher's) is the one to compute them with: a pass holds one backbone's chunks only.
 
         Raises:
             Overloaded: the queue holds too many images already; retry shortly.
             ServiceUnavailable: the features did not come within `timeout_s`.
         """
-        chunks = [_Chunk(images[start:start + self.max_batch], then, upper)
+        backbone = backbone if backbone is not None else self.backbone
+        chunks = [_Chunk(images[start:start + self.max_batch], then, upper, backbone)
                   for start in range(0, len(images), self.max_batch)]
         with self._cond:
             if not self.alive:
@@ -135,11 +143,18 @@ class FeatureBatcher:
                 deadline = time.monotonic() + self.max_wait_s
                 while self._queued < self.max_batch and (left := deadline - time.monotonic()) > 0:
                     self._cond.wait(left)
-                batch, count = [], 0
-                while self._pending and count + len(self._pending[0].images) <= self.max_batch:
+                batch, count, skipped = [], 0, []
+                backbone = self._pending[0].backbone if self._pending else None
+                while self._pending:
+                    if self._pending[0].backbone is not backbone:  # another precision: next pass
+                        skipped.append(self._pending.popleft())
+                        continue
+                    if count + len(self._pending[0].images) > self.max_batch:
+                        break
                     chunk = self._pending.popleft()
                     batch.append(chunk)
                     count += len(chunk.images)
+                self._pending.extendleft(reversed(skipped))
                 self._queued -= count
                 # NB: every request that was waiting may have timed out (`_abandon`) meanwhile.
                 if batch:
@@ -170,11 +185,12 @@ class FeatureBatcher:
 
     def _pass(self, batch: list[_Chunk]) -> np.ndarray:
         images = np.concatenate([chunk.images for chunk in batch])
+        backbone = batch[0].backbone
         if all(chunk.upper is None for chunk in batch):
-            return self.backbone.features(images)
+            return backbone.features(images)
         from models.finetune import mixed_pass  # NB: TensorFlow, loaded by now (after fork)
 
-        return mixed_pass(self.backbone, images,
+        return mixed_pass(backbone, images,
                           [chunk.upper for chunk in batch for _ in range(len(chunk.images))])
 
     def _loop(self) -> None:

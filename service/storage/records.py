@@ -65,6 +65,8 @@ class Backbone(Stored):
     features: str | None = None
     source: str | None = None
     fingerprint: str | None = None
+    precision: str | None = None  # the features' Keras dtype policy (None: stored before, float32)
+    precision_reason: str | None = None
 
 
 class Error(Stored):
@@ -104,6 +106,12 @@ class ClassifierRecord(Stored):
     run: str | None = Field(None, description="The training run whose head and report are current")
     head: HeadOptions | None = None
     training_seconds: float | None = None
+
+    @property
+    def features_precision(self) -> str:
+        """The compute precision of its head's features: the backbone's, or float32 for records
+        written before it was stored (float32 was the only default then)."""
+        return (self.backbone.precision if self.backbone else None) or "float32"
 
     def to_json(self) -> bytes:
         return self.model_copy(update={"schema_version": SCHEMA_VERSION}).model_dump_json().encode()
