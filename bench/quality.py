@@ -243,7 +243,8 @@ def main(argv=None) -> None:
                     print(f"[{name}] {error}", file=sys.stderr)
         probes = None
         if not args.no_probe and weights != "imagenet":
-            from bench import probe as probe_lib  # NB: TensorFlow, once the service has stopped
+            # NB: TensorFlow, imported once the service has stopped.
+            from bench import probe as probe_lib
 
             if size not in caches:
                 caches[size] = probe_lib.FeatureCache(weights, size)

@@ -14,7 +14,6 @@ import tensorflow as tf
 
 from models.options import AugmentationOptions
 
-
 #: How training images are perturbed (declared once, in models/options.py).
 Augmentation = AugmentationOptions
 

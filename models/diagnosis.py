@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def diagnose(d: int, m: int, train_accuracy: float, val_accuracy: float, validation_size: int,
-             num_classes: int, *, smaller_rejected: int = 0, fixed_head: bool = False) -> list[str]:
+             num_classes: int, *, candidates: int = 1, smaller_rejected: int = 0) -> list[str]:
     """Advice on the chosen head, one sentence group per finding.
 
     Args:
@@ -13,23 +13,29 @@ def diagnose(d: int, m: int, train_accuracy: float, val_accuracy: float, validat
         train_accuracy: the head on the images it was trained on; val_accuracy: out of fold.
         validation_size: images behind `val_accuracy`.
         num_classes: number of labels.
+        candidates: heads cross-validated; 1 means the head was given in the options.
         smaller_rejected: how many smaller heads (fewer parameters or stronger L2) were
             cross-validated and scored worse than the chosen one by more than a standard error.
-            When there are any, the head is not "too big": advising a smaller head would
-            contradict the selection.
-        fixed_head: the head was given in the options, not chosen by cross-validation.
+            When there are any, the head is not "too big", and when the chosen head is the
+            smallest tried there is no smaller one to suggest: either way advising a smaller
+            head would contradict the selection.
 
     Returns:
         Notes in words; at least one.
     """
     notes = []
-    if fixed_head:
-        smaller = ('a smaller head (head "auto" cross-validates linear heads over four orders of '
-                   "magnitude of L2)")
-    else:
-        smaller = "a smaller head (head.hidden_units = 0, larger head.l2)"
+    fixed_head = candidates == 1
+    smallest_tried = not fixed_head and not smaller_rejected
+    smaller = ('a smaller head (head "auto" cross-validates linear heads over five orders of '
+               "magnitude of L2)") if fixed_head else None
     if d > m:
-        if smaller_rejected:
+        if smallest_tried:
+            notes.append(
+                f"d/m = {d / m:.2f}: the head has more trainable parameters ({d}) than training "
+                f"examples ({m}); it is already the smallest and most regularised of the "
+                f"{candidates} heads cross-validation tried. More images per label or more "
+                "augmented views (augmentation.views) would help most.")
+        elif smaller_rejected:
             notes.append(
                 f"d/m = {d / m:.2f}: the head has more trainable parameters ({d}) than training "
                 f"examples ({m}), but cross-validation tried {smaller_rejected} smaller or more "
@@ -44,7 +50,7 @@ def diagnose(d: int, m: int, train_accuracy: float, val_accuracy: float, validat
     train_error, val_error = 1 - train_accuracy, 1 - val_accuracy
     if val_error - train_error > 0.1 and val_error > 1.5 * train_error:
         advice = "More images or stronger augmentation (augmentation.views, rotation, shift, noise)"
-        if not smaller_rejected:
+        if smaller:
             advice += f", or {smaller},"
         notes.append(
             f"Validation error ({val_error:.0%}, out of fold) stays far above training error "

@@ -10,13 +10,14 @@ fixed epoch count when they are not (the refit on every image).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import ClassVar
 
-import numpy as np
 import keras
+import numpy as np
 import tensorflow as tf
 
 from models import heads as heads_lib
@@ -218,9 +219,9 @@ class _AdamProgram:
     fold has its own. The served head is rebuilt with the fold's statistics.
     """
 
-    _programs: dict[tuple, _AdamProgram] = {}
-    _programs_lock = threading.Lock()
-    _MAX_PROGRAMS = 8
+    _programs: ClassVar[dict[tuple, _AdamProgram]] = {}
+    _programs_lock: ClassVar[threading.Lock] = threading.Lock()
+    _MAX_PROGRAMS: ClassVar[int] = 8
 
     @classmethod
     def get(cls, spec: HeadOptions, feature_dim: int, num_classes: int,

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import keras
+import numpy as np
 
 from models.logistic import LogisticFit, Standardizer
 from models.options import AUTO_HEADS, HeadOptions
-
 
 #: The architecture and regularisation of one head (declared once, in models/options.py).
 HeadSpec = HeadOptions

@@ -84,7 +84,7 @@ class CandidateResult:
     @property
     def best_epoch(self) -> int:
         """The median over folds of the kept epoch: how long the refit trains (Adam)."""
-        return max(1, int(round(float(np.median(self.best_epochs)))))
+        return max(1, round(float(np.median(self.best_epochs))))
 
     def summary(self) -> dict:
         """The report's entry for this candidate (JSON-ready)."""

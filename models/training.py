@@ -14,8 +14,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import keras
+import numpy as np
 
 from models import fitting
 from models.diagnosis import diagnose
@@ -145,7 +145,7 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
     selection_report = selection.report()
     selection_report.update({
         "history": HISTORY, "validation": VALIDATION,
-        "refit": {"images": int(len(labels)), "rows": int(m),
+        "refit": {"images": len(labels), "rows": m,
                   "epochs": refit.epochs,
                   "how": ("solved exactly on every image's rows" if chosen.spec.is_exact else
                           "Adam for the chosen head's median best epoch over its folds, on "
@@ -154,16 +154,16 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
     report = {
         "labels": list(label_names),
         "m": {
-            "train": int(len(labels)), "validation": int(len(labels)),
-            "train_after_augmentation": int(m),
+            "train": len(labels), "validation": len(labels),
+            "train_after_augmentation": m,
             "per_label": {name: {"train": count, "validation": count}
                           for name, count in counts.items()},
         },
         "d": d,
         "d_over_m": round(d / m, 4),
         "diagnosis": diagnose(d, m, training["accuracy"], validation["accuracy"], len(labels),
-                              num_classes, smaller_rejected=selection.smaller_rejected,
-                              fixed_head=len(selection.candidates) == 1),
+                              num_classes, candidates=len(selection.candidates),
+                              smaller_rejected=selection.smaller_rejected),
         "head": chosen.spec.as_dict(),
         "selection": selection_report,
         "history": mean_history(chosen.histories),

@@ -11,8 +11,8 @@ from models.evaluation import evaluate
 from models.features import extract_features
 from models.options import AUTO_HEADS, AugmentationOptions, HeadOptions, TrainingConfig
 from models.prediction import class_scores, rank
-from models.weights import IMAGENET_FINGERPRINT
 from models.preprocessing import load_image
+from models.weights import IMAGENET_FINGERPRINT
 from tests.helpers import COLOURS, image_bytes
 
 SIZE = 32

@@ -13,10 +13,22 @@ from pydantic import ValidationError
 from models import fitting, heads, logistic
 from models.diagnosis import diagnose
 from models.evaluation import evaluate
-from models.options import AUTO_HEADS, AugmentationOptions, HeadOptions, TrainingConfig, \
-    TrainingOptions
-from models.selection import (FIXED, LOSS_RESOLUTION, ONE_STANDARD_ERROR, CandidateResult,
-                              cross_validate, mean_history, one_standard_error)
+from models.options import (
+    AUTO_HEADS,
+    AugmentationOptions,
+    HeadOptions,
+    TrainingConfig,
+    TrainingOptions,
+)
+from models.selection import (
+    FIXED,
+    LOSS_RESOLUTION,
+    ONE_STANDARD_ERROR,
+    CandidateResult,
+    cross_validate,
+    mean_history,
+    one_standard_error,
+)
 from models.splits import fold_count, stratified_folds, stratified_split
 
 LINEAR = HeadOptions(hidden_units=0, dropout=0.0, l2=1e-2)
@@ -240,19 +252,21 @@ def test_evaluate_counts_per_label_scores_and_the_confusion_matrix():
 
 def test_diagnosis_does_not_call_the_chosen_head_too_big_when_smaller_ones_lost():
     notes = diagnose(d=4098, m=980, train_accuracy=1.0, val_accuracy=0.93, validation_size=245,
-                     num_classes=2, smaller_rejected=3)
+                     num_classes=2, candidates=12, smaller_rejected=3)
     text = " ".join(notes)
     assert "d/m = 4.18" in text and "smaller head" not in text
     assert "cross-validation tried 3 smaller" in text
 
 
-def test_diagnosis_suggests_a_smaller_head_when_none_was_tried():
+def test_diagnosis_suggests_a_smaller_head_only_for_a_fixed_head():
     fixed = " ".join(diagnose(d=525058, m=980, train_accuracy=1.0, val_accuracy=0.8,
-                              validation_size=245, num_classes=2, fixed_head=True))
+                              validation_size=245, num_classes=2, candidates=1))
     assert "smaller head" in fixed and 'head "auto"' in fixed and "overfits" in fixed
-    smallest = " ".join(diagnose(d=4098, m=980, train_accuracy=1.0, val_accuracy=0.93,
-                                 validation_size=245, num_classes=2))
-    assert "smaller head" in smallest
+    # The chosen head is the smallest that was tried: nothing smaller to suggest.
+    smallest = " ".join(diagnose(d=4098, m=200, train_accuracy=1.0, val_accuracy=0.8,
+                                 validation_size=40, num_classes=2, candidates=12))
+    assert "smaller head" not in smallest and "already the smallest" in smallest
+    assert "overfits" in smallest
 
 
 # ---------------------------------------------------------------- one declaration of the options
