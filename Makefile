@@ -24,8 +24,9 @@ run: install
 	$(BIN)/python -m service.weights
 	PORT=$(PORT) exec $(BIN)/gunicorn -c service/gunicorn.conf.py service.wsgi:app
 
-## The distributed topology on one machine: Redis, rclone serve s3 on a fresh folder under
-## var/cluster, APIs on $(PORT) and $(PORT)+1, two training workers. Ctrl-C stops them all.
+## The distributed topology on one machine: Redis, SeaweedFS's S3 (it honours conditional writes)
+## on a fresh folder under var/cluster, APIs on $(PORT) and $(PORT)+1, two training workers.
+## Ctrl-C stops them all.
 run-cluster: install
 	$(BIN)/python -m service.weights
 	PORT=$(PORT) exec $(BIN)/python -m tools.cluster

@@ -64,7 +64,7 @@ class Backbone:
         self._taps = keras.Model(
             model.input, [model.get_layer(name).output
                           for name in ("block4_pool", "block5_conv3", "block5_pool")])
-        self._lower: dict[str, object] = {}
+        self._lower: dict[tuple[str, str], object] = {}
         self.passes = 0  # images sent through the base, for metrics
         self._passes_lock = threading.Lock()
         size = identity.image_size
@@ -81,19 +81,20 @@ class Backbone:
         """(h, w, c) of a layer's output: where fine-tuned blocks take over."""
         return tuple(self.model.get_layer(layer).output.shape[1:])
 
-    def activations(self, images: np.ndarray, layer: str) -> np.ndarray:
-        """float16 (batch, h, w, c) output of `layer` ("block3_pool" or "block4_pool"): the
-        frozen blocks' part of a pass, cached once per (image, view) for fine-tuning."""
-        if layer not in self._lower:
+    def activations(self, images: np.ndarray, layer: str, dtype=tf.float16) -> np.ndarray:
+        """(batch, h, w, c) output of `layer` ("block3_pool" or "block4_pool"): the frozen
+        blocks' part of a pass; float16 is what fine-tuning caches once per (image, view)."""
+        key = (layer, dtype.name)
+        if key not in self._lower:
             lower = keras.Model(self.model.input, self.model.get_layer(layer).output)
             size = self.image_size
-            self._lower[layer] = tf.function(
+            self._lower[key] = tf.function(
                 lambda x: tf.cast(lower(keras.applications.vgg16.preprocess_input(x),
-                                        training=False), tf.float16),
+                                        training=False), dtype),
                 input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
         with self._passes_lock:
             self.passes += len(images)
-        return self._lower[layer](tf.convert_to_tensor(images, tf.float32)).numpy()
+        return self._lower[key](tf.convert_to_tensor(images, tf.float32)).numpy()
 
     def features(self, images: np.ndarray) -> np.ndarray:
         """Runs the base once over a batch.

@@ -84,6 +84,7 @@ class UpperBlocks:
         """
         self.blocks = blocks
         self.layer_names = BLOCKS[blocks][1]
+        self._compiled = None
         policy = keras.DTypePolicy(precision)
         inputs = keras.Input(input_shape, name="cached_activations")
         x, block4_pool = inputs, inputs if blocks == 1 else None
@@ -100,6 +101,19 @@ class UpperBlocks:
             kernel, bias = weights[name]
             self.model.get_layer(name).set_weights([np.asarray(kernel, np.float32),
                                                     np.asarray(bias, np.float32)])
+
+    def predict_features(self, activations: np.ndarray) -> np.ndarray:
+        """Serving: float32 (batch, 2048) features from float16 activations, compiled once."""
+        if self._compiled is None:
+            self._compiled = tf.function(
+                lambda x: self.features(x),
+                input_signature=[tf.TensorSpec((None, *self.model.input.shape[1:]), tf.float16)])
+        return self._compiled(tf.constant(activations, tf.float16)).numpy()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the weights as stored (float16)."""
+        return self.parameters() * 2
 
     @property
     def conv_layers(self) -> list:
@@ -141,6 +155,49 @@ def load_blocks(data: bytes) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarra
                 return blocks, {name: (archive[f"{name}/kernel"], archive[f"{name}/bias"])
                                 for name in layers}
     raise ValueError(f"not a fine-tuned block file: layers {names}")
+
+
+def mixed_pass(backbone: Backbone, images: np.ndarray,
+               uppers: Sequence[UpperBlocks | None]) -> np.ndarray:
+    """One serving pass for a batch whose rows belong to frozen and fine-tuned classifiers.
+
+    The frozen blocks run once for every row; rows of frozen classifiers then go through the
+    shared (pretrained) upper blocks, and each fine-tuned classifier's rows through its own,
+    grouped. Fine-tuned rows see float16 activations, exactly as in training; frozen rows stay
+    float32, as in `Backbone.features`.
+
+    Args:
+        images: uint8 (n, size, size, 3); uppers: per row, None (frozen) or the trained blocks.
+
+    Returns:
+        float32 (n, 2048) features.
+    """
+    deepest = max((upper.blocks for upper in uppers if upper is not None), default=0)
+    if deepest == 0:
+        return backbone.features(images)
+    cut = BLOCKS[deepest][0]
+    lower = backbone.activations(images, cut, dtype=tf.float32)
+    shared = _shared_upper(backbone, deepest, lower.shape[1:])
+    block4_pool, block5, pooled = (t.numpy() for t in shared.model(lower, training=False))
+    features = pool_features(block4_pool, block5, pooled).numpy()
+    groups: dict[int, list[int]] = {}
+    for row, upper in enumerate(uppers):
+        if upper is not None:
+            groups.setdefault(id(upper), []).append(row)
+    for rows in groups.values():
+        upper = uppers[rows[0]]
+        source = lower if upper.blocks == deepest else block4_pool
+        features[rows] = upper.predict_features(source[rows].astype(np.float16))
+    return features
+
+
+def _shared_upper(backbone: Backbone, blocks: int, shape) -> UpperBlocks:
+    """The pretrained upper blocks of `backbone`, built once per backbone."""
+    cache = backbone.__dict__.setdefault("_shared_uppers", {})
+    if blocks not in cache:
+        cache[blocks] = UpperBlocks(blocks, tuple(shape), pretrained_weights(backbone, blocks),
+                                    backbone.precision)
+    return cache[blocks]
 
 
 # ---------------------------------------------------------------- cached activations

@@ -17,7 +17,7 @@ def class_scores(backbone: Backbone, head: keras.Model, images: np.ndarray) -> n
     """Softmax probabilities for a batch of images.
 
     Args:
-        images: uint8 array (batch, size, size, 3) from `preprocessing.load_image`.
+        images: float32 (or uint8) array (batch, size, size, 3) from `preprocessing.load_image`.
 
     Returns:
         float32 array (batch, num_classes); each row sums to 1.

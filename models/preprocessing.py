@@ -1,8 +1,15 @@
 """Image decoding and VGG16 input preparation, shared by training and serving.
 
 Training and serving must see an image identically, so both go through `load_image`:
-decode → first frame → EXIF orientation → RGB → resize (bilinear, aspect not kept) → uint8.
+decode → first frame → EXIF orientation → RGB → resize (aspect not kept) → float32.
 `preprocess_input` (VGG16's caffe mode) is applied later, inside the backbone call.
+
+The resize is PIL's antialiased bilinear (triangle) filter written as two fixed linear maps,
+`resize_weights(H, size) @ image @ resize_weights(W, size).T`, and applied in float32 without
+rounding. An exported model (`models.export`) builds the same matrices from the same integer
+formula inside its graph, so TensorFlow, TFLite and ONNX Runtime resize as the service does, to
+float32 rounding (~1e-5 of an intensity level). PIL's own `Image.resize` rounds to uint8 after
+each of its passes, which no graph reproduces; this differs from it by under one level.
 """
 
 from __future__ import annotations
@@ -90,21 +97,76 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def resize(image: Image.Image, size: int) -> np.ndarray:
-    """Resizes an RGB image to size × size (bilinear, aspect not kept).
+def resize_weights(in_size: int, out_size: int) -> np.ndarray:
+    """The linear map of PIL's bilinear resize along one axis, antialiased when reducing.
+
+    Output sample i is centred at (i + 0.5)·s in input coordinates (s = in_size / out_size) and
+    weighs input sample j by the triangle 1 − |x|, x = (j + 0.5 − centre) / max(s, 1), each row
+    normalised to sum 1: PIL's `precompute_coeffs` for its bilinear filter. The offset is
+    formed exactly in integers, ((2j + 1)·out − (2i + 1)·in) / (2·max(in, out)), so that float32
+    loses nothing to cancellation on large images, and every runtime computes the same values.
 
     Returns:
-        uint8 array of shape (size, size, 3).
+        float32 array (out_size, in_size).
     """
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"Sizes must be positive. Received: in_size={in_size}, "
+                         f"out_size={out_size}")
+    inputs = np.arange(in_size, dtype=np.int64)
+    outputs = np.arange(out_size, dtype=np.int64)
+    offset = (2 * inputs[None, :] + 1) * out_size - (2 * outputs[:, None] + 1) * in_size
+    x = offset.astype(np.float32) / np.float32(2 * max(in_size, out_size))
+    weights = np.maximum(np.float32(1) - np.abs(x), np.float32(0))
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def _banded_product(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """`weights @ x` in float32, a block of output rows at a time over only the inputs they
+    use: a resize map is a band (about 2·scale taps per output), and `x` (uint8 or float32) is
+    converted to float32 a band at a time, so a 40 MP photo is never converted whole."""
+    used = weights > 0
+    first = used.argmax(axis=1)
+    last = weights.shape[1] - used[:, ::-1].argmax(axis=1)
+    out = np.empty((weights.shape[0], x.shape[1]), np.float32)
+    # NB: blocks of several outputs multiply zeros between their bands; past a reduction of
+    # about 8x one output (a matrix-vector product) at a time is faster (12 MP: ~15x).
+    block = max(1, min(8, int(8 * weights.shape[0] / weights.shape[1])))
+    for start in range(0, len(weights), block):
+        stop = min(len(weights), start + block)
+        lo, hi = first[start:stop].min(), last[start:stop].max()
+        out[start:stop] = weights[start:stop, lo:hi] @ x[lo:hi].astype(np.float32, copy=False)
+    return out
+
+
+def resize_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resizes an image to size × size with `resize_weights`: rows, then columns.
+
+    Args:
+        pixels: uint8 or float32 array (height, width, channels).
+
+    Returns:
+        float32 array (size, size, channels), values in 0-255, not rounded.
+    """
+    height, width, channels = pixels.shape
+    rows = _banded_product(resize_weights(height, size), pixels.reshape(height, -1))
+    by_column = rows.reshape(size, width, channels).transpose(1, 0, 2).reshape(width, -1)
+    resized = _banded_product(resize_weights(width, size), by_column)
+    return np.ascontiguousarray(resized.reshape(size, size, channels).transpose(1, 0, 2))
+
+
+def resize(image: Image.Image, size: int) -> np.ndarray:
+    """Resizes an RGB image to size × size (`resize_pixels`, aspect not kept).
+
+    Returns:
+        float32 array of shape (size, size, 3), values in 0-255.
+    """
+    return resize_pixels(np.asarray(image, dtype=np.uint8), size)
 
 
 def load_image(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decodes and resizes image bytes: the one path for training and serving.
 
     Returns:
-        uint8 array of shape (size, size, 3), RGB.
+        float32 array of shape (size, size, 3), RGB in 0-255.
     """
     return resize(decode_image(data, max_pixels=max_pixels), size)

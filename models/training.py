@@ -79,6 +79,8 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
         "timings_s" (decode, features, selection, head = the refit).
     """
     timings: dict[str, float] = {}
+    # The total is known before the first (slow) batch.
+    on_progress(Progress("extracting", images_done=0, images_total=len(images)))
     features = extract_features(
         images, backbone, views=config.augmentation.views, augmentation=config.augmentation,
         rng=np.random.default_rng(config.seed), batch_size=config.extract_batch_size,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from flask import Flask, g, request
 
+from service import web
 from service.api.auth import load_api_keys, require_api_keys
 from service.api.limits import UploadLimiter
 from service.api.openapi import build_document
@@ -25,6 +26,8 @@ from service.api.routes import api
 from service.config import Settings
 from service.errors import HeadstartError
 from service.jobs import recovery
+from service.jobs.events import StreamSlots
+from service.jobs.export import export_builder
 from service.jobs.services import Services
 from service.metrics import Metrics
 from service.serving.backbone import BackboneHolder, batching_options, load_configured_backbone
@@ -63,12 +66,16 @@ def create_app(settings: Settings | None = None, *,
                            full_scan_s=settings.metrics_store_scan_s)
     app.extensions["headstart"] = services
     app.extensions["headstart.uploads"] = UploadLimiter(settings.max_concurrent_uploads)
+    app.extensions["headstart.api_keys"] = api_keys
+    app.extensions["headstart.event_streams"] = StreamSlots(settings.max_event_streams)
+    app.extensions["headstart.exports"] = export_builder(services)
 
     register_error_handlers(app)
     _instrument(app, services.metrics)
     require_api_keys(app, api_keys)
     app.register_blueprint(api)
     app.register_blueprint(ops)
+    app.register_blueprint(web.blueprint)
     app.extensions["headstart.openapi"] = build_document(app, "Headstart", VERSION)
 
     backbone.start()

@@ -36,7 +36,8 @@ class Settings(BaseSettings):
                               "long is taken as lost and re-queued (or failed)")
     worker_metrics_port: int | None = Field(
         None, description="Training workers serve Prometheus metrics on this port when set")
-    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, rclone …)")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, SeaweedFS …)")
     s3_region: str | None = Field(None, description="S3 region; None uses the AWS default chain")
     s3_access_key_id: str | None = Field(None, description="None uses the AWS credential chain")
     s3_secret_access_key: SecretStr | None = Field(None, description="With s3_access_key_id")
@@ -96,6 +97,21 @@ class Settings(BaseSettings):
     max_concurrent_uploads: int = Field(
         4, gt=0, description="Dataset uploads processed at once per process; more get 503 "
                              "with Retry-After")
+    # Server-sent events (GET /v1/classifiers/{id}/events): each open stream holds a thread.
+    max_event_streams: int = Field(
+        32, ge=1, le=1000, description="Event streams open at once per process; more get 503 "
+                                       "with Retry-After. gunicorn gets this many threads on "
+                                       "top of HEADSTART_WEB_THREADS, so streams never take "
+                                       "the threads other requests need")
+    event_stream_max_s: float = Field(
+        300.0, gt=0, description="Longest an event stream stays open; clients reconnect with "
+                                 "Last-Event-ID and lose nothing")
+    event_keepalive_s: float = Field(
+        15.0, gt=0, description="A comment line is sent after this long without an event, so "
+                                "proxies keep the connection and dead clients are noticed")
+    event_poll_s: float = Field(
+        0.5, gt=0, le=60, description="How often an event stream reads the classifier's record "
+                                      "from the store")
 
     @field_validator("api_keys_file", mode="before")
     @classmethod

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import threading
 import time
 
 import numpy as np
@@ -189,19 +190,38 @@ def test_delete_cancels_a_running_job_within_seconds(app, client):
     assert [f for f in stored_files(app) if created["id"] in f] == [f"deleted/{created['id']}"]
 
 
-def test_progress_is_visible_while_training(client):
-    slow = {**FAST_OPTIONS, "augmentation": {"views": 4}, "max_epochs": 300, "patience": 200}
-    created = post_dataset(client, dataset_zip(30), slow).json
-    body = wait_status(client, created["id"], statuses=("training",))
-    deadline = time.monotonic() + 60
-    while body["status"] == "training" and body["progress"]["stage"] != "training":
-        assert time.monotonic() < deadline
+def test_progress_is_visible_while_training(app, client, monkeypatch):
+    """The job is held right after its first progress write in the training stage (a hook on
+    the store), so the resource is read while that progress is current, on every run."""
+    slow = {**FAST_OPTIONS, "augmentation": {"views": 1}, "max_epochs": 300, "patience": 200}
+    blobs = app.extensions["headstart"].store.blobs
+    posted, shown, seen = threading.Event(), threading.Event(), threading.Event()
+    created = {}
+    put_if = blobs.put_if
+
+    def hold_at_the_first_epoch(key, data, tag):
+        new_tag = put_if(key, data, tag)
+        if key.endswith("/record.json") and not shown.is_set() and \
+                (json.loads(data).get("progress") or {}).get("stage") == "training":
+            posted.wait(timeout=60)
+            if key == f"classifiers/{created.get('id')}/record.json":
+                shown.set()
+                seen.wait(timeout=60)
+        return new_tag
+
+    monkeypatch.setattr(blobs, "put_if", hold_at_the_first_epoch)
+    created.update(post_dataset(client, dataset_zip(6), slow).json)
+    posted.set()
+    try:
+        assert shown.wait(timeout=120), "the job never reached the training stage"
         body = client.get(f"/v1/classifiers/{created['id']}").json
-        time.sleep(0.1)
-    if body["status"] == "training":
-        assert body["progress"]["max_epochs"] == 300
-        assert body["progress"]["epoch"] >= 1
-    client.delete(f"/v1/classifiers/{created['id']}")
+    finally:
+        seen.set()
+    assert body["status"] == "training"
+    assert body["progress"]["stage"] == "training"
+    assert body["progress"]["max_epochs"] == 300
+    assert body["progress"]["epoch"] >= 1
+    assert client.delete(f"/v1/classifiers/{created['id']}").status_code == 204
 
 
 # ---------------------------------------------------------------- states and errors
@@ -410,7 +430,7 @@ def test_health_and_readiness(client):
     assert client.get("/startupz").json == {"status": "ok"}
     ready = client.get("/readyz").json
     assert ready["ready"] is True
-    assert ready["checks"] == {"backbone": "ok", "store": "ok", "queue": "ok"}
+    assert ready["checks"] == {"backbone": "ok", "batcher": "ok", "store": "ok", "queue": "ok"}
     assert ready["backbone"]["weights"] == "random"
 
 

@@ -1,6 +1,6 @@
 """Integration: the distributed topology `make run-cluster` starts, from real parts.
 
-Redis, `rclone serve s3`, two gunicorn APIs and two Celery training workers, launched by
+Redis, SeaweedFS's S3 gateway, two gunicorn APIs and two Celery training workers, launched by
 `python -m tools.cluster` exactly as `make run-cluster` does (random weights, 32 px). The tests
 read the job bookkeeping straight from the bucket, kill workers and the S3 server, and check the
 lifecycle promises: a lost worker's job is re-run or failed within 2 minutes, a duplicate
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.localservers import (RcloneS3Server, free_port, rclone_program,
-                                  redis_server_program)
+from tools.localservers import SeaweedS3Server, free_port, redis_server_program, weed_program
 from tests.helpers import COLOURS, call, dataset_zip, image_bytes, multipart
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +31,7 @@ LONG = {"max_epochs": 150, "patience": 150, "augmentation": {"views": 6}}
 
 def _missing_servers() -> str | None:
     try:
-        rclone_program()
+        weed_program()
         redis_server_program()
     except FileNotFoundError as error:
         return str(error)
@@ -56,7 +55,7 @@ def cluster(tmp_path_factory):
     if reason := _missing_servers():
         if os.environ.get("HEADSTART_TEST_REQUIRE_SERVERS"):
             pytest.fail(f"integration servers are required here: {reason}")
-        pytest.skip(f"integration tests need Redis and rclone: {reason}")
+        pytest.skip(f"integration tests need Redis and SeaweedFS: {reason}")
     tmp = tmp_path_factory.mktemp("cluster")
     port = _free_port_pair()
     env = {key: value for key, value in os.environ.items() if not key.startswith("HEADSTART_")}
@@ -273,7 +272,7 @@ def test_the_store_going_away_is_a_fast_503_and_recovers(cluster):
     api = cluster.apis[0]
     classifier_id = create(api, SMALL)
     wait_for(api, classifier_id, finished, 120)
-    s3 = cluster.state["servers"]["rclone-s3"]
+    s3 = cluster.state["servers"]["seaweedfs-s3"]
     os.kill(s3["pid"], signal.SIGKILL)
 
     started = time.monotonic()
@@ -283,9 +282,10 @@ def test_the_store_going_away_is_a_fast_503_and_recovers(cluster):
     status, _, readiness = call("GET", api + "/readyz")
     assert status == 503 and readiness["checks"]["store"] != "ok", readiness
 
-    from tools.cluster import S3_ACCESS_KEY, S3_SECRET_KEY
+    from tools.cluster import BUCKET, S3_ACCESS_KEY, S3_SECRET_KEY
 
-    replacement = RcloneS3Server(s3["port"], s3["data"], S3_ACCESS_KEY, S3_SECRET_KEY)
+    replacement = SeaweedS3Server(s3["port"], s3["data"], S3_ACCESS_KEY, S3_SECRET_KEY,
+                                  buckets=[BUCKET])
     cluster.extra_servers.append(replacement)
     replacement.start()
     deadline = time.monotonic() + 30

@@ -90,3 +90,25 @@ def test_trained_blocks_round_trip_as_float16_without_pickles(backbone, data):
         np.testing.assert_array_equal(weights[name][0], kernel)
     with pytest.raises(ValueError, match="not a fine-tuned block file"):
         load_blocks(serialize_blocks({"block1_conv1": weights["block5_conv1"]}))
+
+
+def test_a_mixed_serving_pass_equals_each_classifiers_own_path(backbone, data):
+    """Frozen rows get the backbone's features; fine-tuned rows (one and two blocks) get what
+    their own blocks give on the float16 activations they were trained on."""
+    from models.finetune import mixed_pass
+
+    images, _ = data
+    images = images[:6]
+    one = UpperBlocks(1, backbone.activation_shape("block4_pool"),
+                      {k: (a * 1.1, b) for k, (a, b) in pretrained_weights(backbone, 1).items()})
+    two = UpperBlocks(2, backbone.activation_shape("block3_pool"),
+                      {k: (a * 0.9, b) for k, (a, b) in pretrained_weights(backbone, 2).items()})
+    uppers = [None, one, two, one, None, two]
+    mixed = mixed_pass(backbone, images, uppers)
+    frozen = backbone.features(images)
+    own = {id(one): one.predict_features(backbone.activations(images, "block4_pool")),
+           id(two): two.predict_features(backbone.activations(images, "block3_pool"))}
+    for row, upper in enumerate(uppers):
+        expected = frozen[row] if upper is None else own[id(upper)][row]
+        np.testing.assert_allclose(mixed[row], expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(mixed[1], frozen[1])  # the fine-tuned rows really differ

@@ -1,7 +1,7 @@
 """`make run-cluster`: Headstart's distributed topology on one machine, from real parts.
 
     Redis (the broker)                      unless HEADSTART_QUEUE names one
-    rclone serve s3 on a fresh data folder  unless HEADSTART_STORE names a store
+    SeaweedFS's S3 on a fresh data folder   unless HEADSTART_STORE names a store
     two API processes (gunicorn)            on $PORT and $PORT+1
     two training workers                    python -m service.workers.worker
 
@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.localservers import LocalServer, RcloneS3Server, RedisServer, free_port
+from tools.localservers import LocalServer, RedisServer, SeaweedS3Server, free_port
 
 log = logging.getLogger("tools.cluster")
 
@@ -74,8 +74,8 @@ class Cluster:
             self._serve(redis)
             self.env["HEADSTART_QUEUE"] = redis.url
         if "HEADSTART_STORE" not in self.env:
-            s3 = RcloneS3Server(self._free_port(), self.data / "s3", S3_ACCESS_KEY, S3_SECRET_KEY)
-            s3.create_bucket(BUCKET)
+            s3 = SeaweedS3Server(self._free_port(), self.data / "s3", S3_ACCESS_KEY,
+                                 S3_SECRET_KEY, buckets=[BUCKET])
             self._serve(s3)
             self.env.update(HEADSTART_STORE=f"s3://{BUCKET}/",
                             HEADSTART_S3_ENDPOINT_URL=s3.endpoint_url,

@@ -1,10 +1,10 @@
 """API keys: who may call which endpoint.
 
 Keys come from `HEADSTART_API_KEYS` and `HEADSTART_API_KEYS_FILE` as `key:scope` entries. An
-`admin` key may do everything; a `predict` key may read (list, get, report) and predict. Clients
-send `Authorization: Bearer <key>`. Everything under /v1 needs a key once any key is configured;
-probes, metrics and the API documentation stay open. A key is never logged or echoed in a
-message, not even a malformed one.
+`admin` key may do everything; a `predict` key may read (list, get, report) and predict, but not
+export. Clients send `Authorization: Bearer <key>`. Everything under /v1 needs a key once any key
+is configured; probes, metrics and the API documentation stay open. A key is never logged or
+echoed in a message, not even a malformed one.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ MIN_KEY_LENGTH = 16
 _READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: The one write a predict key may make (the route's endpoint name).
 _PREDICT_ENDPOINT = "v1.predict"
+#: Reads a predict key may not make: an export is the whole model (weights, labels, metrics),
+#: to run without the service's keys and limits, so it is the owner's call.
+_ADMIN_READS = frozenset({"v1.export_classifier"})
 _PROTECTED_PREFIX, _PROTECTED_BLUEPRINT = "/v1/", "v1."
 # RFC 6750's token68: what a Bearer credential may contain.
 _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -109,6 +112,8 @@ def required_scope(method: str, path: str, endpoint: str | None) -> str | None:
     if not (path + "/").startswith(_PROTECTED_PREFIX) and \
             not (endpoint or "").startswith(_PROTECTED_BLUEPRINT):
         return None
+    if endpoint in _ADMIN_READS:
+        return ADMIN
     if method in _READ_METHODS or endpoint == _PREDICT_ENDPOINT:
         return PREDICT
     return ADMIN

@@ -1,6 +1,6 @@
 """The OpenAPI 3 document, generated from the routes' `@documented` metadata and the pydantic
-models; and the interactive docs page (Swagger UI served from the `swagger-ui-bundle` package, so
-it works without internet)."""
+models; and the interactive docs page (Swagger UI 5, which reads OpenAPI 3.1, served from the
+`flask-swagger-ui` package, so it works without internet)."""
 
 from __future__ import annotations
 

@@ -35,11 +35,13 @@ def startupz():
 @ops.get("/readyz")
 @documented(responses={200: Readiness, 503: Readiness})
 def readyz():
-    """Readiness: backbone loaded and warmed up, store and queue reachable."""
+    """Readiness: backbone loaded and batching, store and queue reachable."""
     s = services()
     checks = {}
     checks["backbone"] = "ok" if s.backbone.ready else (
         f"failed: {s.backbone.error}" if s.backbone.error else "loading")
+    if s.backbone.ready:  # a stopped batching thread would time out every prediction
+        checks["batcher"] = s.backbone.check_batcher()
     for name, probe in (("store", s.store.ping), ("queue", s.runner.ping)):
         try:
             probe()
@@ -76,6 +78,6 @@ def docs():
 
 @ops.get("/docs/static/<path:filename>")
 def docs_static(filename: str):
-    from swagger_ui_bundle import swagger_ui_path
+    from importlib.resources import files
 
-    return send_from_directory(swagger_ui_path, filename)
+    return send_from_directory(files("flask_swagger_ui") / "dist", filename)

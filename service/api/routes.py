@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 
-from flask import Blueprint, Response, current_app, request, url_for
+from flask import Blueprint, Response, current_app, request, send_file, url_for
 from pydantic import BaseModel, ValidationError
 
+from service.api import plots
 from service.api.openapi import documented
-from service.api.schemas import (Classifier, ClassifierList, LabelScore, ListQuery, Prediction,
-                                 PredictionResponse, PredictQuery, PredictRequest, Report,
-                                 TrainingOptions)
-from service.errors import BadRequest, Unprocessable
-from service.jobs import classifiers, prediction
+from service.api.auth import ADMIN, PREDICT, ApiKey, authorize
+from service.api.schemas import (AuthOut, Classifier, ClassifierList, EventsQuery, LabelScore, ListQuery,
+                                 Prediction, PredictionResponse, PredictQuery, PredictRequest,
+                                 Report, TrainingOptions)
+from service.errors import BadRequest, Forbidden, Unprocessable
+from service.api.schemas import ExportJob, ExportQuery
+from service.jobs import classifiers, events, export, prediction
 from service.jobs.services import Services
 
 api = Blueprint("v1", __name__, url_prefix="/v1")
@@ -70,6 +73,23 @@ def _options() -> TrainingOptions:
     return parse(TrainingOptions, parse_json(raw, "options"), "options")
 
 
+@api.get("/auth")
+@documented(responses={200: AuthOut})
+def auth():
+    """What the caller's API key may do, and whether keys are required at all."""
+    keys: list[ApiKey] = current_app.extensions["headstart.api_keys"]
+    if not keys:
+        return json_response(AuthOut(scope=ADMIN, keys_required=False))
+    # NB: the key was checked before this view ran (any valid key may GET under /v1), so the
+    # only question left is whether it may do more.
+    try:
+        authorize(keys, request.headers.get("Authorization"), ADMIN)
+        scope = ADMIN
+    except Forbidden:
+        scope = PREDICT
+    return json_response(AuthOut(scope=scope, keys_required=True))
+
+
 @api.post("/classifiers")
 @documented(body=_UPLOAD, responses={202: Classifier, 400: None, 413: None, 422: None, 503: None})
 def create_classifier():
@@ -113,6 +133,31 @@ def get_report(classifier_id: str):
         classifiers.get_report(services(), classifier_id)))
 
 
+@api.get("/classifiers/<classifier_id>/events")
+@documented(query=EventsQuery, responses={200: "text/event-stream", 204: None, 400: None,
+                                          404: None, 422: None, 503: None})
+def classifier_events(classifier_id: str):
+    """Follow a classifier as server-sent events: status, progress, epoch, version, done.
+
+    Resume with the `Last-Event-ID` header (or `?last_event_id=`); 204 when a resumed stream
+    has nothing left to send. The stream ends after `done`, or after the server's time limit.
+    """
+    query = parse(EventsQuery, request.args.to_dict(), "query")
+    wiring = services()  # NB: the stream is read after the request context has gone
+
+    def resource() -> dict:
+        record = classifiers.get_classifier(wiring, classifier_id)
+        return Classifier.from_record(record).model_dump(mode="json")
+
+    stream = events.follow(resource, wiring.settings,
+                           current_app.extensions["headstart.event_streams"], classifier_id,
+                           request.headers.get("Last-Event-ID") or query.last_event_id)
+    if stream is None:
+        return Response(status=204)
+    return Response(stream, mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 @api.post("/classifiers/<classifier_id>/predict")
 @documented(body=_PREDICT, query=PredictQuery,
             responses={200: PredictionResponse, 400: None, 404: None, 409: None, 413: None,
@@ -143,3 +188,59 @@ def delete_classifier(classifier_id: str):
     """Delete a classifier, cancelling its training if it is running."""
     classifiers.delete_classifier(services(), classifier_id)
     return Response(status=204)
+
+
+def _report_and_name(classifier_id: str) -> tuple[dict, str]:
+    report = Report.model_validate_json(classifiers.get_report(services(), classifier_id))
+    return report.model_dump(mode="json"), classifiers.get_classifier(services(), classifier_id).name
+
+
+def _svg(document: str, filename: str) -> Response:
+    # NB: an SVG opened on its own is a document of this origin; it needs nothing, so it may run
+    # nothing, whatever a label says.
+    return Response(document, mimetype="image/svg+xml", headers={
+        "Content-Disposition": f'inline; filename="{filename}"',
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"})
+
+
+@api.get("/classifiers/<classifier_id>/report/curves.svg")
+@documented(responses={200: "image/svg+xml", 404: None, 409: None})
+def get_report_curves(classifier_id: str):
+    """Training and validation loss and accuracy per epoch, as an SVG image."""
+    report, name = _report_and_name(classifier_id)
+    return _svg(plots.curves_svg(report, name), f"{classifier_id}-curves.svg")
+
+
+@api.get("/classifiers/<classifier_id>/report/confusion.svg")
+@documented(responses={200: "image/svg+xml", 404: None, 409: None})
+def get_report_confusion(classifier_id: str):
+    """The validation confusion matrix as a heat map, as an SVG image."""
+    report, name = _report_and_name(classifier_id)
+    return _svg(plots.confusion_svg(report, name), f"{classifier_id}-confusion.svg")
+# ---------------------------------------------------------------- export
+
+
+@api.get("/classifiers/<classifier_id>/export")
+@documented(query=ExportQuery, responses={200: "application/zip", 202: ExportJob, 404: None,
+                                          409: None, 422: None, 503: None})
+def export_classifier(classifier_id: str):
+    """Export a classifier as a zip: the model, labels.json, model-card.json, README.md.
+
+    `format` is savedmodel, tflite or onnx; the model takes images and returns the service's
+    scores (within 1e-4), resizing and preprocessing inside. An export is built once per
+    version and format: until it is stored the answer is 202 with `Location` (this URL) and
+    `Retry-After`; poll it. Needs an admin key: an export is the whole model.
+    """
+    query = parse(ExportQuery, request.args.to_dict(), "query")
+    result = export.export_classifier(services(), current_app.extensions["headstart.exports"],
+                                      classifier_id, query.format, query.version)
+    if isinstance(result, export.ExportPending):
+        location = url_for("v1.export_classifier", classifier_id=classifier_id,
+                           format=query.format, version=query.version)
+        return json_response(ExportJob(classifier_id=classifier_id, format=query.format,
+                                       version=result.version), 202, Location=location,
+                             **{"Retry-After": str(result.retry_after_s)})
+    response = send_file(result.archive, mimetype="application/zip", as_attachment=True,
+                         download_name=result.filename)
+    response.headers["Content-Length"] = str(result.size)
+    return response

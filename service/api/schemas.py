@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.export import FORMATS as EXPORT_FORMATS
 from models.options import AugmentationOptions, HeadOptions, Strict, TrainingOptions
 from service.storage.records import ClassifierRecord, Status
 
@@ -37,6 +38,9 @@ class ProgressOut(BaseModel):
     max_epochs: int | None = None
     val_accuracy: float | None = None
     candidate: str | None = Field(None, description='Head candidate being trained, e.g. "2/4"')
+    history: list[EpochRow] = Field(
+        default_factory=list, description="The learning curve of the fit now running, one row "
+                                          "per epoch so far (a new fit starts a new one)")
 
 
 class MetricsOut(BaseModel):
@@ -117,6 +121,14 @@ class PredictionResponse(BaseModel):
     predictions: list[Prediction]
 
 
+class AuthOut(BaseModel):
+    """What the caller may do. Without keys configured everyone may do everything (admin)."""
+
+    scope: Literal["admin", "predict"] = Field(
+        description="admin: everything; predict: list, get, read reports and predict")
+    keys_required: bool = Field(description="Whether this server asks for an API key")
+
+
 class ListQuery(Strict):
     limit: int = Field(100, ge=1, le=1000, description="Most classifiers in one page")
     cursor: str | None = Field(None, max_length=64,
@@ -125,6 +137,12 @@ class ListQuery(Strict):
 
 class PredictQuery(Strict):
     top_k: int = Field(5, ge=1, le=1000, description="How many labels to list per image")
+
+
+class EventsQuery(Strict):
+    last_event_id: str | None = Field(
+        None, max_length=200, description="Resume after this event id, for clients that cannot "
+                                          "send the Last-Event-ID header (which wins)")
 
 
 # ---------------------------------------------------------------- report
@@ -219,3 +237,23 @@ class Readiness(BaseModel):
     ready: bool
     checks: dict[str, Annotated[str, Field(description='"ok" or the reason it is not')]]
     backbone: BackboneOut | None = None
+
+
+# ---------------------------------------------------------------- export
+
+
+class ExportQuery(Strict):
+    format: Literal[EXPORT_FORMATS] = Field(
+        description="savedmodel (decodes JPEG/PNG/GIF/BMP bytes itself, or takes pixels), tflite "
+                    "or onnx (take pixels)")
+    version: int | None = Field(None, ge=1, description="The version to export; default: the "
+                                                          "served one")
+
+
+class ExportJob(BaseModel):
+    """An export being built: poll the `Location` until it answers 200 with the zip."""
+
+    classifier_id: str
+    format: str
+    version: int
+    status: Literal["building"] = "building"

@@ -67,10 +67,17 @@ def _check_feature_budget(services: Services, images: int, options: TrainingOpti
         most_views = limit // (images * feature_dim * 4 * _FEATURE_COPIES) - 1
         raise Unprocessable(
             f"{images} images with {options.augmentation.views} augmented views need "
-            f"{needed / 1024**3:.1f} GiB of features in training; the limit is "
-            f"{limit / 1024**3:.1f} GiB (HEADSTART_MAX_FEATURE_BYTES): use fewer images"
+            f"{_size(needed)} of features in training; the limit is "
+            f"{_size(limit)} (HEADSTART_MAX_FEATURE_BYTES): use fewer images"
             + (f" or at most {most_views} views" if most_views >= 0 else ""),
             errors=[{"field": "options.augmentation.views", "message": "feature memory budget"}])
+
+
+def _size(count: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def _default_name(dataset: Dataset) -> str:

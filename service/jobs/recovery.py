@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from service.errors import NotFound, ServiceUnavailable
 from service.jobs.services import Services
-from service.storage.classifiers import PreconditionFailed, Versioned
+from service.storage.classifiers import PreconditionFailed, Versioned, classifier_age_s
 from service.storage.records import ACTIVE_STATUSES, Error, Progress, utc_now
 
 log = logging.getLogger(__name__)
@@ -91,17 +91,24 @@ def _republish(services: Services, current: Versioned) -> None:
             log.warning("job %s: cannot publish again yet: %s", record.id, error.detail)
 
 
+#: An index entry without a record is dropped only this long after its id was made: the entry
+#: is written before the record, so a younger one may belong to a create still in progress.
+CREATING_S = 600.0
+
+
 def _active(services: Services, ids: list[str] | None = None):
     """The jobs in flight (by default those in the index), read with their tags; stale index
     entries are dropped."""
-    for classifier_id in services.store.active_ids() if ids is None else ids:
+    store = services.store
+    for classifier_id in store.active_ids() if ids is None else ids:
         try:
-            current = services.store.load_versioned(classifier_id)
+            current = store.load_versioned(classifier_id)
         except NotFound:
-            services.store.drop_from_active(classifier_id)
+            if store.is_deleted(classifier_id) or classifier_age_s(classifier_id) > CREATING_S:
+                store.drop_from_active(classifier_id)
             continue
         if current.record.status not in ACTIVE_STATUSES:
-            services.store.drop_from_active(classifier_id)
+            store.drop_from_active(classifier_id)
             continue
         yield current
 

@@ -108,7 +108,8 @@ class TrainingRun:
         """Head and report first, under this run's id; then the record that names them.
 
         Raises:
-            ServiceUnavailable: the final write failed; this run's files are removed again.
+            ServiceUnavailable: the final write failed. This run's files are removed again,
+                unless the record cannot be read to tell whether the write landed after all.
         """
         store, record_id = self.services.store, self.record.id
         store.save_head(record_id, self.run_id, head)
@@ -125,8 +126,11 @@ class TrainingRun:
         try:
             self._write(ready, final=True)
         except ServiceUnavailable:
-            self._discard_files()
-            raise
+            landed = self._landed_after_all()
+            if landed is False:
+                self._discard_files()
+            if not landed:  # NB: unknown (None): the files stay, a record may name them
+                raise
         if not self.finished:
             self._discard_files()
 
@@ -137,6 +141,24 @@ class TrainingRun:
 
         self._write(failed, final=True)
         log.error("job %s: %s: %s", self.record.id, title, detail)
+
+    def _landed_after_all(self) -> bool | None:
+        """After the final write raised: whether it landed anyway (an error can come after the
+        store applied it), read back from the record; None when the record cannot be read."""
+        try:
+            current = self.services.store.load_versioned(self.record.id)
+        except NotFound:
+            self.stop_reason = "deleted"
+            return False
+        except ServiceUnavailable as error:
+            log.warning("job %s: cannot tell whether run %s was committed: %s", self.record.id,
+                        self.run_id, error.detail)
+            return None
+        if current.record.run != self.run_id:
+            return False
+        with self._lock:
+            self.record, self._tag, self.finished = current.record, current.tag, True
+        return True
 
     def _discard_files(self) -> None:
         """This run's head and report, which no record names; a deleted classifier's prefix is

@@ -47,6 +47,8 @@ class BackboneHolder:
                                       "max_queued": 256, "timeout_s": 30.0}
         self._backbone = None
         self._batcher: FeatureBatcher | None = None
+        self._batcher_lock = threading.Lock()
+        self.batcher_restarts = 0
         self.error: str | None = None
         self._ready = threading.Event()
 
@@ -57,7 +59,7 @@ class BackboneHolder:
         try:
             backbone = self._load()
             backbone.warm_up()
-            self._batcher = FeatureBatcher(backbone, **self._batching)
+            self._batcher = FeatureBatcher(backbone, **self._batching).start()
             self._backbone = backbone
             log.info("backbone ready: %s", backbone.identity.as_dict())
         except Exception as error:  # any failure must surface in /readyz and the log
@@ -91,11 +93,26 @@ class BackboneHolder:
     def identity(self):
         return self.get().identity
 
-    def features(self, images, then=None):
+    def features(self, images, then=None, upper=None):
         """Backbone features for a request's images through the shared batching queue, with
-        `then` applied to them on the batching thread."""
+        `then` applied to them on the batching thread (`upper`: a fine-tuned classifier's
+        own blocks)."""
         self.get()
-        return self._batcher.features(images, then)
+        self.check_batcher()
+        return self._batcher.features(images, then, upper)
+
+    def check_batcher(self) -> str:
+        """"ok" while the batching thread runs; if it has stopped, starts a new one and says
+        why it had stopped (so /readyz fails once, and the next request is served)."""
+        with self._batcher_lock:
+            dead = self._batcher
+            if dead is None or dead.alive:
+                return "ok" if dead is not None else "loading"
+            self._batcher = FeatureBatcher(dead.backbone, **self._batching).start()
+            self.batcher_restarts += 1
+        reason = f"{type(dead.stopped_by).__name__}: {dead.stopped_by}"
+        log.error("the batching thread had stopped (%s); started a new one", reason)
+        return f"restarted: the batching thread had stopped ({reason})"
 
     @property
     def queued_images(self) -> int:

@@ -11,7 +11,9 @@ TensorFlow calls from request threads running beside the backbone's pass slowed 
 (thread pools and the GIL fighting), so request threads only decode images.
 
 The queue is bounded in images: a request that would overflow it is refused at once with a 503
-(`Overloaded`), and a request waits at most `timeout_s` for its features.
+(`Overloaded`), and a request waits at most `timeout_s` for its features. Should the batching
+thread ever stop, `alive` says so (the holder restarts it, /readyz reports it) and the requests it
+held fail at once instead of waiting out their timeout.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class _Chunk:
 
     images: np.ndarray
     then: Callable[[np.ndarray], np.ndarray] | None = None
+    upper: object | None = None  # a fine-tuned classifier's own blocks (models.finetune)
     done: threading.Event = field(default_factory=threading.Event)
     features: np.ndarray | None = None
     error: BaseException | None = None
@@ -50,33 +53,51 @@ class _Chunk:
 
 
 class FeatureBatcher:
+    """Shared backbone passes; `start()` starts its thread."""
+
     def __init__(self, backbone, *, max_batch: int, max_wait_s: float, max_queued: int,
                  timeout_s: float):
         self.backbone = backbone
         self.max_batch, self.max_wait_s = max_batch, max_wait_s
         self.max_queued, self.timeout_s = max_queued, timeout_s
         self._pending: deque[_Chunk] = deque()
+        self._in_pass: list[_Chunk] = []
         self._queued = 0  # images waiting, not yet in a pass
         self._cond = threading.Condition()
         self.batches = 0  # passes run, for metrics and tests
-        threading.Thread(target=self._loop, name="feature-batcher", daemon=True).start()
+        self.stopped_by: BaseException | None = None  # what ended the thread, if anything did
+        self._thread = threading.Thread(target=self._run, name="feature-batcher", daemon=True)
+
+    def start(self) -> FeatureBatcher:
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        """Whether the batching thread runs (False once anything has stopped it)."""
+        return self._thread.is_alive() and self.stopped_by is None
 
     @property
     def queued(self) -> int:
         return self._queued
 
     def features(self, images: np.ndarray,
-                 then: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+                 then: Callable[[np.ndarray], np.ndarray] | None = None,
+                 upper=None) -> np.ndarray:
         """Backbone features of `images` (batch, size, size, 3), computed in shared passes, with
-        `then` (e.g. a classifier's head) applied to them on the batching thread.
+        `then` (e.g. a classifier's head) applied to them on the batching thread. `upper` is a
+        fine-tuned classifier's own blocks: its rows share the frozen blocks' pass, then go
+        through them instead of the shared ones.
 
         Raises:
             Overloaded: the queue holds too many images already; retry shortly.
             ServiceUnavailable: the features did not come within `timeout_s`.
         """
-        chunks = [_Chunk(images[start:start + self.max_batch], then)
+        chunks = [_Chunk(images[start:start + self.max_batch], then, upper)
                   for start in range(0, len(images), self.max_batch)]
         with self._cond:
+            if not self.alive:
+                raise self._stopped_error()
             if self._queued + len(images) > self.max_queued:
                 raise Overloaded(f"{self._queued} images are waiting for the backbone (the limit "
                                  f"is {self.max_queued}); retry shortly")
@@ -103,32 +124,68 @@ class FeatureBatcher:
                     self._queued -= len(chunk.images)
 
     def _take_batch(self) -> list[_Chunk]:
-        """Blocks for work; then gathers up to max_batch images, waiting max_wait_s at most."""
+        """Blocks for work; then gathers up to max_batch images, waiting max_wait_s at most.
+        Never returns an empty batch."""
         with self._cond:
-            while not self._pending:
-                self._cond.wait()
-            deadline = time.monotonic() + self.max_wait_s
-            while self._queued < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(left)
-            batch, count = [], 0
-            while self._pending and count + len(self._pending[0].images) <= self.max_batch:
-                chunk = self._pending.popleft()
-                batch.append(chunk)
-                count += len(chunk.images)
-            self._queued -= count
-            return batch
+            while True:
+                while not self._pending:
+                    self._cond.wait()
+                deadline = time.monotonic() + self.max_wait_s
+                while self._queued < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                batch, count = [], 0
+                while self._pending and count + len(self._pending[0].images) <= self.max_batch:
+                    chunk = self._pending.popleft()
+                    batch.append(chunk)
+                    count += len(chunk.images)
+                self._queued -= count
+                # NB: every request that was waiting may have timed out (`_abandon`) meanwhile.
+                if batch:
+                    self._in_pass = batch
+                    return batch
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as error:  # NB: a bug here must not hang every later request
+            self.stopped_by = error
+            log.critical("the batching thread stopped: %s: %s", type(error).__name__, error,
+                         exc_info=error)
+            with self._cond:
+                failed = [*self._in_pass, *self._pending]
+                self._pending.clear()
+                self._queued = 0
+            for chunk in failed:
+                if not chunk.done.is_set():
+                    chunk.error = self._stopped_error()
+                    chunk.done.set()
+
+    def _stopped_error(self) -> ServiceUnavailable:
+        why = "was never started" if self.stopped_by is None else \
+            f"stopped ({type(self.stopped_by).__name__}: {self.stopped_by})"
+        return ServiceUnavailable(f"the batching thread {why}; retry shortly",
+                                  headers={"Retry-After": "1"})
+
+    def _pass(self, batch: list[_Chunk]) -> np.ndarray:
+        images = np.concatenate([chunk.images for chunk in batch])
+        if all(chunk.upper is None for chunk in batch):
+            return self.backbone.features(images)
+        from models.finetune import mixed_pass  # NB: TensorFlow, loaded by now (after fork)
+
+        return mixed_pass(self.backbone, images,
+                          [chunk.upper for chunk in batch for _ in range(len(chunk.images))])
 
     def _loop(self) -> None:
         while True:
             batch = self._take_batch()
-            images = np.concatenate([chunk.images for chunk in batch])
             try:
-                features = self.backbone.features(images)
+                features = self._pass(batch)
             except Exception as error:  # handed to the waiting requests, which raise it
                 log.exception("backbone pass failed")
                 for chunk in batch:
                     chunk.error = error
                     chunk.done.set()
+                self._in_pass = []
                 continue
             self.batches += 1
             offset = 0
@@ -140,4 +197,5 @@ class FeatureBatcher:
                 except Exception as error:  # this request's head failed; the others go on
                     chunk.error = error
                 chunk.done.set()
+            self._in_pass = []
 

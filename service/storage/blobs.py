@@ -35,6 +35,11 @@ class PreconditionFailed(Exception):
     """A conditional write found another version than the one it was conditioned on."""
 
 
+class ConditionalWritesUnsupported(RuntimeError):
+    """The store accepts conditional writes it does not honour: leases would not be safe, so
+    the service refuses to start on it (`S3BlobStore.check_conditional_writes`)."""
+
+
 class BlobStore(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
     def put_file(self, key: str, file: IO[bytes]) -> None: ...   # streams from file

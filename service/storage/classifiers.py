@@ -4,6 +4,8 @@
     classifiers/{id}/dataset.zip         the accepted images, in Headstart's own archive format
     classifiers/{id}/heads/{run}.npz     a training run's head weights (architecture rebuilt from code)
     classifiers/{id}/reports/{run}.json  that run's training report
+    classifiers/{id}/exports/{run}/{format}.zip   an export of that run (a cache: rebuilt if lost)
+    classifiers/{id}/exports/{run}/{format}.json  its build while there is no zip (jobs/export.py)
     active/{id}                          index: the classifier's job is queued or training
     deleted/{id}                         tombstone: the classifier was deleted
 
@@ -28,14 +30,26 @@ from service.storage.blobs import BlobStore, PreconditionFailed
 from service.storage.records import ACTIVE_STATUSES, ClassifierRecord
 
 _ID_PATTERN = re.compile(r"clf_[0-9a-z]{20}")  # NB: fullmatch; "$" would let "\n" through
+#: What a run id or an export format may be, before either becomes part of a key.
+_NAME_PATTERN = re.compile(r"[0-9A-Za-z_-]{1,64}")
 
-__all__ = ["ClassifierStore", "PreconditionFailed", "Versioned", "new_classifier_id"]
+__all__ = ["ClassifierStore", "PreconditionFailed", "Versioned", "classifier_age_s",
+           "new_classifier_id"]
 
 
 def new_classifier_id() -> str:
     """Server-generated, time-ordered, unguessable: 'clf_' + 8 time digits + 12 random, base36."""
     stamp = _base36(int(time.time() * 1000)).rjust(9, "0")[-8:]
     return "clf_" + stamp + _base36(secrets.randbits(62)).rjust(12, "0")[-12:]
+
+
+def classifier_age_s(classifier_id: str) -> float:
+    """Seconds since the id was generated, from its time digits (they wrap every 89 years);
+    infinite for a string that is no classifier id."""
+    if not _ID_PATTERN.fullmatch(classifier_id):
+        return float("inf")
+    stamp = int(classifier_id[4:12], 36)
+    return (int(time.time() * 1000) - stamp) % 36**8 / 1000
 
 
 def _base36(number: int) -> str:
@@ -96,6 +110,7 @@ class ClassifierStore:
             new_tag = self.blobs.put_if(key, record.to_json(), tag)
         except (PreconditionFailed, KeyError):
             if self.is_deleted(record.id) or not self.exists(record.id):
+                self.blobs.delete(f"active/{record.id}")  # what this call wrote first
                 raise NotFound(f"classifier {record.id} was deleted") from None
             raise PreconditionFailed(key) from None
         if self.is_deleted(record.id):
@@ -182,6 +197,63 @@ class ClassifierStore:
         """Removes a run's head and report (a run that lost the race to commit)."""
         self.blobs.delete(self._key(classifier_id, f"heads/{run}.npz"))
         self.blobs.delete(self._key(classifier_id, f"reports/{run}.json"))
+
+    # ------------------------------------------------------------ exports
+
+    def _export_key(self, classifier_id: str, run: str, export_format: str, suffix: str) -> str:
+        if not (_NAME_PATTERN.fullmatch(run) and _NAME_PATTERN.fullmatch(export_format)):
+            raise ValueError(f"not a run and format: {run!r}, {export_format!r}")
+        return self._key(classifier_id, f"exports/{run}/{export_format}{suffix}")
+
+    def save_export(self, classifier_id: str, run: str, export_format: str,
+                    archive: IO[bytes]) -> None:
+        """Stores an export zip; a classifier deleted meanwhile is purged again.
+
+        Raises:
+            NotFound: the classifier was deleted.
+        """
+        self.blobs.put_file(self._export_key(classifier_id, run, export_format, ".zip"), archive)
+        if self.is_deleted(classifier_id):
+            self.purge(classifier_id)
+            raise NotFound(f"classifier {classifier_id} was deleted")
+
+    def load_export(self, classifier_id: str, run: str, export_format: str,
+                    target: IO[bytes]) -> bool:
+        """Copies a stored export zip into `target`; False when there is none."""
+        try:
+            self.blobs.get_file(self._export_key(classifier_id, run, export_format, ".zip"),
+                                target)
+        except KeyError:
+            return False
+        return True
+
+    def has_export(self, classifier_id: str, run: str, export_format: str) -> bool:
+        return self.blobs.exists(self._export_key(classifier_id, run, export_format, ".zip"))
+
+    def load_export_build(self, classifier_id: str, run: str,
+                          export_format: str) -> tuple[bytes, str] | None:
+        """An export's build state as (data, version tag), or None."""
+        try:
+            return self.blobs.get_versioned(
+                self._export_key(classifier_id, run, export_format, ".json"))
+        except KeyError:
+            return None
+
+    def save_export_build(self, classifier_id: str, run: str, export_format: str,
+                          data: bytes, tag: str | None) -> str:
+        """Compare-and-set of an export's build state (`tag` None: only if there is none).
+
+        Raises:
+            PreconditionFailed: another process wrote it first.
+        """
+        key = self._export_key(classifier_id, run, export_format, ".json")
+        try:
+            return self.blobs.put_if(key, data, tag)
+        except KeyError:  # it was removed since `tag` was read: someone else finished
+            raise PreconditionFailed(key) from None
+
+    def delete_export_build(self, classifier_id: str, run: str, export_format: str) -> None:
+        self.blobs.delete(self._export_key(classifier_id, run, export_format, ".json"))
 
     def delete(self, classifier_id: str) -> None:
         """Tombstone first, then everything under the classifier's prefix."""

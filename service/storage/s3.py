@@ -18,7 +18,8 @@ from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from service.config import Settings
-from service.storage.blobs import PreconditionFailed, StoreUnavailable
+from service.storage.blobs import (ConditionalWritesUnsupported, PreconditionFailed,
+                                   StoreUnavailable)
 
 _MiB = 1024**2
 # Files above 8 MiB go up in 8 MiB parts, read from the file object as they are sent.
@@ -29,9 +30,8 @@ _MISSING_KEY_CODES = {"NoSuchKey", "NotFound", "404"}  # HEAD answers carry no b
 # 412: the tag did not match; 409: a concurrent conditional write to the same key won.
 _PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 
-
-class ConditionalWritesUnsupported(RuntimeError):
-    """The S3 server accepts conditional writes it does not honour: leases would not be safe."""
+__all__ = ["ConditionalWritesUnsupported", "S3BlobStore", "open_s3_blob_store",
+           "parse_s3_location", "s3_client"]
 
 
 def s3_client(settings: Settings, *, fast: bool = False):

@@ -23,6 +23,7 @@ from service.jobs.training import run_training_job
 from service.metrics import Metrics
 from service.serving.backbone import BackboneHolder, load_configured_backbone
 from service.serving.heads import HeadCache
+from service.storage.blobs import ConditionalWritesUnsupported, StoreUnavailable
 from service.workers.broker import QUEUE_NAME, TASK_NAME, celery_app
 
 log = logging.getLogger("service.workers.worker")
@@ -38,8 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         print("HEADSTART_QUEUE is 'local': the API trains in-process, and a worker needs a broker "
               "URL such as redis://localhost:6379/0", file=sys.stderr)
         return 2
+    try:
+        store = open_store(settings)
+    except (ConditionalWritesUnsupported, StoreUnavailable) as error:
+        log.critical("the worker cannot take jobs from this store; stopping. %s", error)
+        return WORKER_BOOT_ERROR
     services = Services(
-        settings=settings, store=open_store(settings),
+        settings=settings, store=store,
         backbone=BackboneHolder(lambda: load_configured_backbone(settings),
                                 on_error=_refuse_to_start),
         heads=HeadCache(_no_heads, capacity=1), runner=open_runner(settings), metrics=Metrics())

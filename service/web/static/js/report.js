@@ -1,0 +1,161 @@
+// The training report: m, d, d/m and the diagnosis in words, learning curves, the confusion
+// matrix, per-label scores, dataset health, skipped files, timings and the backbone. Fields a
+// newer server adds (fine_tuned, calibration, health, final) are shown when present.
+
+import {download} from "./api.js";
+import {confusionMatrix, learningCurves} from "./charts.js";
+import {facts, h, number, percent} from "./dom.js";
+
+function table(caption, columns, rows, attrs = {}) {
+  return h("div", {class: "table-scroll", tabindex: "0", role: "region", "aria-label": caption},
+    h("table", {class: "data", ...attrs},
+      h("caption", {}, caption),
+      h("thead", {}, h("tr", {}, columns.map(([name, cls]) => h("th", {scope: "col", class: cls}, name)))),
+      h("tbody", {}, rows.map((cells) => h("tr", {}, cells.map((cell, i) =>
+        i === 0 ? h("th", {scope: "row"}, cell) : h("td", {class: columns[i][1]}, cell)))))));
+}
+
+function loss(value) {
+  if (!Number.isFinite(value)) return "—";
+  return value !== 0 && Math.abs(value) < 1e-3 ? value.toExponential(1) : number(value, 4);
+}
+
+function section(title, ...children) {
+  return h("section", {class: "card"}, h("h3", {}, title), ...children);
+}
+
+function plain(value) {
+  if (value === null || value === undefined) return "—";
+  if (typeof value === "number") return number(value, 4);
+  if (typeof value === "object") return h("code", {class: "json"}, JSON.stringify(value));
+  return String(value);
+}
+
+/** Rows of objects (health entries and the like) as a table of their keys. */
+function objects(caption, items) {
+  const keys = [...new Set(items.flatMap((item) => Object.keys(item)))];
+  return table(caption, keys.map((key) => [key.replaceAll("_", " ")]),
+    items.map((item) => keys.map((key) => plain(item[key]))));
+}
+
+function diagnosis(report) {
+  return h("section", {class: "card diagnosis", "data-testid": "diagnosis", "aria-labelledby": "diagnosis-title"},
+    h("h3", {id: "diagnosis-title"}, "Diagnosis"),
+    h("div", {class: "ratio"},
+      h("div", {class: "ratio-value"},
+        h("span", {class: "ratio-name"}, "d/m"), h("strong", {}, number(report.d_over_m, 2))),
+      h("p", {}, h("strong", {}, `d = ${number(report.d)}`), " trainable parameters in the head, ",
+        h("strong", {}, `m = ${number(report.m?.train_after_augmentation)}`), " training examples after augmentation (",
+        `${number(report.m?.train)} images). `,
+        "The smaller d/m, the less room the head has to memorise its training images instead of learning the labels.")),
+    report.diagnosis?.length
+      ? h("ul", {class: "diagnosis-list"}, report.diagnosis.map((line) => h("li", {}, line)))
+      : h("p", {}, "Nothing to flag: the head is small for its data and validation agrees with training."));
+}
+
+function perLabel(report) {
+  const scores = report.validation?.per_label || {};
+  const counts = report.m?.per_label || {};
+  return table("Per label: images in each split and validation precision, recall and F1",
+    [["Label"], ["m train", "num"], ["m validation", "num"], ["Precision", "num"], ["Recall", "num"], ["F1", "num"]],
+    report.labels.map((label) => [label, number(counts[label]?.train), number(counts[label]?.validation),
+      percent(scores[label]?.precision), percent(scores[label]?.recall), percent(scores[label]?.f1)]),
+    {"data-testid": "per-label"});
+}
+
+function health(report) {
+  const found = report.health;
+  if (!found) return null;
+  const parts = [];
+  if (found.warnings?.length) parts.push(h("ul", {class: "warnings"}, found.warnings.map((w) => h("li", {}, w))));
+  for (const [key, caption] of [["duplicates", "Duplicates (same bytes)"],
+    ["near_duplicates", "Near duplicates (across_split: the same picture in training and validation)"],
+    ["suspected_mislabels", "Suspected mislabels"]]) {
+    const items = found[key];
+    if (Array.isArray(items) && items.length) parts.push(objects(caption, items));
+  }
+  if (found.imbalance !== undefined) parts.push(facts([["Imbalance", plain(found.imbalance)]]));
+  if (!parts.length) parts.push(h("p", {}, "No duplicates, leaks or suspected mislabels found."));
+  return section("Dataset health", ...parts);
+}
+
+function calibration(report) {
+  const c = report.calibration;
+  if (!c) return null;
+  return section("Calibration", facts([["Temperature", number(c.temperature, 3)],
+    ["Expected calibration error before", percent(c.ece_before)],
+    ["after", percent(c.ece_after)]]));
+}
+
+function fineTuned(report) {
+  const f = report.fine_tuned;
+  if (f === undefined) return null;
+  if (f === null) return section("Fine-tuning", h("p", {}, "Not fine-tuned: the backbone stayed frozen."));
+  return section("Fine-tuning",
+    facts([["Blocks trained", plain(f.blocks)], ["L2-SP α", plain(f.l2_sp)]]),
+    f.relative_shift ? table("How far each trained layer moved from its ImageNet weights (‖w − w⁰‖ / ‖w⁰‖)",
+      [["Layer"], ["Relative shift", "num"]],
+      Object.entries(f.relative_shift).map(([layer, shift]) => [layer, number(shift, 4)])) : null);
+}
+
+function skipped(classifier) {
+  const files = classifier?.dataset?.skipped || [];
+  return section("Skipped files", files.length
+    ? table(`${files.length} file${files.length === 1 ? "" : "s"} in the upload could not be used`,
+      [["File"], ["Reason"]], files.map((file) => [h("code", {}, file.path), file.reason]))
+    : h("p", {}, "None: every file in the upload was used."));
+}
+
+function details(report) {
+  const timings = Object.entries(report.timings_s || {});
+  const backbone = report.backbone || {};
+  return section("Run details",
+    facts([
+      ["Epochs", `${report.history?.length ?? "—"} run, best ${report.best_epoch ?? "—"}${report.stopped_early ? ", stopped early" : ""}`],
+      ["Head", report.head ? `${report.head.hidden_units ? `${report.head.hidden_units} hidden units` : "linear"}, dropout ${report.head.dropout}, L2 ${report.head.l2}` : "—"],
+      ["Backbone", `${backbone.name ?? "—"} (${backbone.weights ?? "—"}), ${backbone.image_size ?? "—"} px`],
+      backbone.features ? ["Features", h("code", {}, backbone.features)] : null,
+      backbone.fingerprint ? ["Backbone fingerprint", h("code", {class: "wrap"}, backbone.fingerprint)] : null,
+      report.device ? ["Device", `${report.device}${report.precision ? `, ${report.precision}` : ""}`] : null,
+      ...timings.map(([stage, seconds]) => [`Time: ${stage}`, `${number(seconds, 2)} s`]),
+    ]),
+    report.candidates?.length ? table("Head candidates tried (the lowest validation loss is served)",
+      [["Head"], ["d", "num"], ["Best validation loss", "num"], ["Best epoch", "num"], ["Epochs", "num"]],
+      report.candidates.map((c) => [c.head ? (c.head.hidden_units ? `${c.head.hidden_units} hidden, L2 ${c.head.l2}` : `linear, L2 ${c.head.l2}`) : "—",
+        number(c.d), loss(c.best_val_loss), number(c.best_epoch), number(c.epochs)])) : null,
+    h("details", {}, h("summary", {}, "Options used"), h("pre", {class: "json"}, JSON.stringify(report.options, null, 2))));
+}
+
+export function render(report, classifier, {base}) {
+  const validation = report.validation || {};
+  const saveCurves = h("button", {type: "button", class: "secondary small"}, "Curves (SVG)");
+  const saveMatrix = h("button", {type: "button", class: "secondary small"}, "Confusion matrix (SVG)");
+  const saveJson = h("button", {type: "button", class: "secondary small"}, "Report (JSON)");
+  saveCurves.addEventListener("click", () => download(`${base}/report/curves.svg`, `${report.classifier_id}-curves.svg`));
+  saveMatrix.addEventListener("click", () => download(`${base}/report/confusion.svg`, `${report.classifier_id}-confusion.svg`));
+  saveJson.addEventListener("click", () => download(`${base}/report`, `${report.classifier_id}-report.json`));
+
+  return h("div", {class: "report-body"},
+    h("div", {class: "section-head"}, h("h2", {id: "report-title"}, "Training report"),
+      report.final === false ? h("span", {class: "badge badge-training"}, "preliminary: a better head is still training") : null,
+      h("div", {class: "actions", role: "group", "aria-label": "Download"}, h("span", {class: "muted small"}, "Download:"),
+        saveCurves, saveMatrix, saveJson)),
+    h("div", {class: "stats"},
+      stat("Validation accuracy", percent(validation.accuracy)),
+      stat("Training accuracy", percent(report.train_accuracy)),
+      stat("Images (train / validation)", `${number(report.m?.train)} / ${number(report.m?.validation)}`),
+      stat("Best epoch", `${number(report.best_epoch)} of ${number(report.history?.length)}`)),
+    diagnosis(report),
+    section("Learning curves", learningCurves(report.history || [], {best: report.best_epoch,
+      note: report.stopped_early ? "Early stopping ended the run; the head from the best epoch is served." : null})),
+    h("div", {class: "two"},
+      section("Confusion matrix", confusionMatrix(report.labels, validation.confusion_matrix || [])),
+      section("Per label", perLabel(report))),
+    health(report), calibration(report), fineTuned(report),
+    skipped(classifier),
+    details(report));
+}
+
+function stat(label, value) {
+  return h("div", {class: "stat"}, h("div", {class: "stat-value"}, value), h("div", {class: "stat-label"}, label));
+}
