@@ -21,8 +21,9 @@ class Progress:
         candidate: which fit runs, e.g. "2/10 fold 3/5" while heads are cross-validated, or
             "refit" for the chosen head's final fit on every image.
         history: the rows so far of the fit currently running, one per epoch:
-            {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"} (the refit has no
-            validation rows, so no val_ keys), for live learning curves.
+            {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}, for live learning
+            curves; a new fit (the next candidate or fold) starts a new one. Empty during the
+            refit, which has no validation rows.
     """
 
     stage: str

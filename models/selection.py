@@ -204,7 +204,8 @@ def cross_validate(specs: Sequence[HeadOptions], features: np.ndarray, labels: n
     n, views, feature_dim = features.shape
     k = int(folds.max()) + 1
     # Exact fits go from the strongest L2 down, each warm-started from the last on its fold.
-    order = sorted(range(len(specs)), key=lambda i: (not specs[i].is_exact, -specs[i].l2))
+    order = sorted(range(len(specs)),
+                   key=lambda i: (not specs[i].is_exact, -specs[i].l2 if specs[i].is_exact else 0, i))
     losses = np.zeros((len(specs), k))
     accuracies = np.zeros((len(specs), k))
     best_epochs = [[0] * k for _ in specs]

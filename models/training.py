@@ -123,13 +123,12 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
     chosen = selection.result
 
     start = time.perf_counter()
-    rows: list[dict] = []
 
     def on_epoch(row: dict) -> None:
-        rows.append(row)
+        # NB: no history: the refit has no validation rows, and a learning-curve row has them.
         on_progress(Progress("training", epoch=row["epoch"],
                              max_epochs=None if chosen.spec.is_exact else chosen.best_epoch,
-                             candidate="refit", history=tuple(rows)))
+                             candidate="refit"))
 
     everything = fitting.Fold(features.reshape(-1, features.shape[-1]),
                               np.repeat(labels, 1 + views))
