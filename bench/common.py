@@ -41,6 +41,9 @@ WEIGHTS_NAME = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 FLOWERS5_TRAIN_PER_LABEL = 60
 FLOWERS5_TEST_PER_LABEL = 100
 SPLIT_SEED = 0
+#: The few-shot split of hymenoptera: this many training images per label, drawn (seeded) from
+#: `train`; the test images are all of `val`.
+FEW_SHOT_PER_LABEL = 20
 
 #: (label, image file) — one labeled example.
 Example = tuple[str, Path]
@@ -119,6 +122,27 @@ def hymenoptera_split(shared: Path, limit_per_label: int | None = None) -> Split
                  "hymenoptera train → val")
 
 
+def hymenoptera_few_shot_split(shared: Path, limit_per_label: int | None = None, *,
+                               per_label: int = FEW_SHOT_PER_LABEL,
+                               seed: int = SPLIT_SEED) -> Split:
+    """hymenoptera with `per_label` training images per label: per label (sorted label order,
+    one seeded generator), a seeded choice from the sorted `train` files; every `val` file
+    tests."""
+    full = hymenoptera_split(shared, limit_per_label)
+    if limit_per_label is not None:
+        per_label = min(per_label, limit_per_label)
+    rng = np.random.default_rng(seed)
+    train = []
+    for label in full.labels:
+        files = [example for example in full.train if example[0] == label]
+        if len(files) < per_label:
+            raise BenchError(f"hymenoptera/train/{label} has {len(files)} images, fewer than "
+                             f"{per_label}")
+        train += [files[i] for i in sorted(rng.choice(len(files), per_label, replace=False))]
+    return Split(f"hymenoptera-{per_label}", 224, sorted(train, key=_order), full.test,
+                 f"hymenoptera {per_label}/label of train (seed {seed}) → val")
+
+
 def flowers5_split(shared: Path, limit_per_label: int | None = None, *,
                    train_per_label: int = FLOWERS5_TRAIN_PER_LABEL,
                    test_per_label: int = FLOWERS5_TEST_PER_LABEL, seed: int = SPLIT_SEED) -> Split:
@@ -144,7 +168,10 @@ def _order(example: Example) -> tuple[str, str]:
     return example[0], example[1].name
 
 
-DATASETS = {"hymenoptera": hymenoptera_split, "flowers5": flowers5_split}
+DATASETS = {"hymenoptera": hymenoptera_split, "flowers5": flowers5_split,
+            f"hymenoptera-{FEW_SHOT_PER_LABEL}": hymenoptera_few_shot_split}
+#: What a benchmark runs without --datasets (each benchmark may name its own).
+DEFAULT_DATASETS = ("hymenoptera", "flowers5")
 
 
 def load_split(name: str, shared: Path, limit_per_label: int | None = None) -> Split:
@@ -330,11 +357,13 @@ def _tail(path: Path, lines: int = 40) -> str:
 # ---------------------------------------------------------------- command line and results
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser,
+                         datasets: Sequence[str] = DEFAULT_DATASETS) -> None:
     parser.add_argument("--shared", default=str(DEFAULT_SHARED),
                         help="directory holding datasets/ and weights/ (default: %(default)s)")
-    parser.add_argument("--datasets", default=",".join(DATASETS),
-                        help="comma-separated, from: %(default)s")
+    parser.add_argument("--datasets", default=",".join(datasets),
+                        help=f"comma-separated, from: {', '.join(DATASETS)} "
+                             "(default: %(default)s)")
     parser.add_argument("--limit-per-label", type=int, default=None, metavar="N",
                         help="at most N train and N test images per label (smoke tests)")
     parser.add_argument("--weights", default=None, metavar="PATH|random|imagenet",

@@ -1,8 +1,11 @@
-"""Classifier quality through the real service, over HTTP.
+"""Classifier quality through the real service, over HTTP, against a cross-validated linear probe.
 
 For each dataset: start the service (gunicorn, as deployed) at the dataset's image size, POST the
 training images as a dataset zip, poll until the classifier is ready, read its report, POST the
 held-out test images to /predict in batches, and measure test accuracy and predict throughput.
+Then, in this process with the service stopped, the linear probe (`bench.probe`: logistic
+regression on the same pooled features, C by 5-fold cross-validation) on the same split, and the
+difference in test accuracy.
 
     python -m bench.quality --write
     python -m bench.quality --datasets hymenoptera --views 0,2,4,8 --write
@@ -21,6 +24,8 @@ from bench import common
 from bench.common import BenchError, Client, Part, ServiceError, Split
 
 FINAL_STATUSES = ("ready", "failed", "cancelled")
+#: Issue 12's data sets: the two benchmarks and a few-shot split of hymenoptera.
+QUALITY_DATASETS = ("hymenoptera", "flowers5", f"hymenoptera-{common.FEW_SHOT_PER_LABEL}")
 
 
 @dataclass
@@ -88,7 +93,8 @@ def _progress_line(classifier: dict) -> str:
     if progress.get("candidate"):
         bits.append(f"head {progress['candidate']}")
     if progress.get("epoch"):
-        bits.append(f"epoch {progress['epoch']}/{progress['max_epochs']}")
+        limit = f"/{progress['max_epochs']}" if progress.get("max_epochs") else ""
+        bits.append(f"epoch {progress['epoch']}{limit}")
     if progress.get("val_accuracy") is not None:
         bits.append(f"val_accuracy {progress['val_accuracy']:.3f}")
     return "  ".join(bit for bit in bits if bit)
@@ -117,32 +123,49 @@ def evaluate(client: Client, split: Split, run: Run, batch_size: int) -> None:
 # ---------------------------------------------------------------- output
 
 
-HEADERS = ["dataset", "px", "options", "m train/val", "m aug", "d", "d/m", "head", "best/epochs",
-           "val acc", "test acc", "decode s", "features s", "head s", "wall s", "predict img/s"]
+HEADERS = ["dataset", "px", "options", "m images", "m aug", "d", "d/m", "head (k folds)",
+           "best/epochs", "val acc (out of fold)", "test acc", "probe test acc", "Δ vs probe",
+           "decode s", "features s", "selection s", "head s", "selection share", "wall s",
+           "predict img/s"]
 
 
-def describe_head(head: dict) -> str:
+def describe_head(head: dict, selection: dict | None = None) -> str:
     if not head:
         return ""
     kind = f"{head['hidden_units']} hidden" if head["hidden_units"] else "linear"
-    return f"{kind}, dropout {head['dropout']:g}, l2 {head['l2']:g}"
+    text = f"{kind}, dropout {head['dropout']:g}, l2 {head['l2']:g}"
+    if selection:
+        text += f" (k = {selection['k']}, {len(selection['candidates'])} tried)"
+    return text
 
 
-def row(run: Run) -> list:
+def describe_probes(probes: list) -> str:
+    """"0.941 (C 0.03 by cv loss) / 0.948 (C 0.1 by cv accuracy)"."""
+    return " / ".join(f"{p.test_accuracy:.3f} (C {p.c:g} by {p.criterion})" for p in probes)
+
+
+def row(run: Run, probes: list | None = None) -> list:
     options = json.dumps(run.options, separators=(",", ":")) if run.options else "defaults"
     if run.status != "ready":
         return [run.dataset, run.image_size, options, f"**{run.status}**: {run.error}"] + \
             [""] * (len(HEADERS) - 4)
     report = run.report
     m, timings = report["m"], report["timings_s"]
+    total = sum(timings.get(key, 0) for key in ("decode", "features", "selection", "head"))
+    best_probe = max((p.test_accuracy for p in probes), default=None) if probes else None
     return [
-        run.dataset, run.image_size, f"`{options}`", f"{m['train']}/{m['validation']}",
+        run.dataset, run.image_size, f"`{options}`", m["train"],
         m["train_after_augmentation"], report["d"], f"{report['d_over_m']:.3g}",
-        describe_head(report["head"]), f"{report['best_epoch']}/{len(report['history'])}",
+        describe_head(report["head"], report.get("selection")),
+        f"{report['best_epoch']}/{len(report['history'])}",
         f"{report['validation']['accuracy']:.3f}",
-        f"{run.test_accuracy:.3f} ({run.test_total})",
+        f"{run.test_accuracy:.3f} ({run.test_correct}/{run.test_total})",
+        describe_probes(probes) if probes else "not run",
+        f"{100 * (run.test_accuracy - best_probe):+.1f} points" if best_probe is not None else "",
         f"{timings.get('decode', 0):.1f}", f"{timings.get('features', 0):.1f}",
-        f"{timings.get('head', 0):.1f}", f"{run.wall_s:.1f}", f"{run.predict_images_per_s:.2f}",
+        f"{timings.get('selection', 0):.1f}", f"{timings.get('head', 0):.1f}",
+        f"{timings.get('selection', 0) / total:.0%}" if total else "",
+        f"{run.wall_s:.1f}", f"{run.predict_images_per_s:.2f}",
     ]
 
 
@@ -167,7 +190,7 @@ def run_options(base: dict, views: list[int] | None) -> list[dict]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
-    common.add_common_arguments(parser)
+    common.add_common_arguments(parser, datasets=QUALITY_DATASETS)
     parser.add_argument("--options", default=None, metavar="JSON",
                         help='training options sent with each classifier, e.g. '
                              '\'{"augmentation": {"views": 4}}\'')
@@ -181,6 +204,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="give up on a classifier after this long (default %(default)s)")
     parser.add_argument("--ready-timeout", type=float, default=600.0, metavar="S",
                         help="wait this long for the service's /readyz (default %(default)s)")
+    parser.add_argument("--no-probe", action="store_true",
+                        help="skip the cross-validated linear probe (bench.probe)")
     return parser.parse_args(argv)
 
 
@@ -198,7 +223,7 @@ def main(argv=None) -> None:
     except ValueError:
         raise BenchError(f"--views must be comma-separated integers. Received: {args.views}") from None
 
-    all_rows = []
+    all_rows, caches, summary = [], {}, []
     for name in common.dataset_names(args.datasets):
         split = common.load_split(name, shared, args.limit_per_label)
         size = args.image_size or split.image_size
@@ -216,8 +241,25 @@ def main(argv=None) -> None:
                 except ServiceError as error:
                     run.status, run.error = "error", str(error)
                     print(f"[{name}] {error}", file=sys.stderr)
-        rows = [row(run) for run in runs]
+        probes = None
+        if not args.no_probe and weights != "imagenet":
+            # NB: TensorFlow, imported once the service has stopped.
+            from bench import probe as probe_lib
+
+            if size not in caches:
+                caches[size] = probe_lib.FeatureCache(weights, size)
+            probes = probe_lib.run(split, caches[size])
+            print(f"[{name}] probe: {describe_probes(probes)}", file=sys.stderr)
+        rows = [row(run, probes) for run in runs]
         all_rows += rows
+        for run in runs:
+            if run.test_accuracy is not None:
+                line = f"{name}: pipeline {run.test_accuracy:.3f}"
+                if probes:
+                    best = max(p.test_accuracy for p in probes)
+                    line += (f", probe {describe_probes(probes)}: "
+                             f"{100 * (run.test_accuracy - best):+.1f} points")
+                summary.append(line)
         if args.write:
             device = next((r.report.get("device") for r in runs if r.report), "unknown")
             extra = {"data": f"{split.description}; {len(split.train)} training images "
@@ -225,9 +267,15 @@ def main(argv=None) -> None:
                      "weights": weights, "training device (report)": device}
             if base:
                 extra["options"] = f"`{json.dumps(base)}`"
+            if probes:
+                extra["probe"] = ("logistic regression on the same pooled features (view 0), "
+                                  "z-scored, C by stratified 5-fold CV from "
+                                  f"{min(probe_lib.C_GRID):g}-{max(probe_lib.C_GRID):g}, "
+                                  "by cv loss and by cv accuracy; Δ is against the better")
             common.write_section(heading(split, size, args), common.section(
                 heading(split, size, args), common.markdown_table(HEADERS, rows), extra))
     print(common.markdown_table(HEADERS, all_rows))
+    print("\n".join(summary))
 
 
 if __name__ == "__main__":

@@ -140,9 +140,11 @@ def run_headstart(data: Data, backbone) -> Outcome:
         d=trainable_parameters(result.head), m_train=report["m"]["train"],
         m_validation=report["m"]["validation"],
         note=(f"views {config.augmentation.views}, head {_head(report['head'])}; "
-              f"{sum(c['epochs'] for c in report['candidates'])} epochs over "
-              f"{len(report['candidates'])} candidates; decode {timings['decode']:.1f} s + "
-              f"features {timings['features']:.1f} s + heads {timings['head']:.1f} s"))
+              f"{sum(c['epochs'] for c in report['selection']['candidates'])} epochs over "
+              f"{len(report['selection']['candidates'])} candidates × "
+              f"{report['selection']['k']} folds; decode {timings['decode']:.1f} s + "
+              f"features {timings['features']:.1f} s + selection {timings['selection']:.1f} s + "
+              f"refit {timings['head']:.1f} s"))
 
 
 def _head(spec: dict) -> str:

@@ -8,38 +8,24 @@ with a single bilinear resampling, plus pixel noise. Parameters are drawn from a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
+from models.options import AugmentationOptions
 
-@dataclass(frozen=True)
-class Augmentation:
-    """How training images are perturbed.
-
-    Attributes:
-        noise: standard deviation of Gaussian pixel noise, in 0-255 pixel units.
-        flip: mirror half of the views left-right.
-        rotation: maximum rotation in degrees, either way.
-        shift: maximum shift as a fraction of the image side, each axis, either way.
-        views: augmented views per training image, besides the original.
-    """
-
-    noise: float = 8.0
-    flip: bool = True
-    rotation: float = 15.0
-    shift: float = 0.1
-    views: int = 4
-
-    def __post_init__(self):
-        if self.noise < 0 or self.rotation < 0 or not 0 <= self.shift < 0.5 or self.views < 0:
-            raise ValueError(f"Invalid augmentation. Received: {self}")
+#: How training images are perturbed (declared once, in models/options.py).
+Augmentation = AugmentationOptions
 
 
-def random_transforms(batch_size: int, image_size: int, augmentation: Augmentation,
+def random_transforms(batch_size: int, image_size: int, augmentation: AugmentationOptions,
                       rng: np.random.Generator) -> np.ndarray:
     """Draws one output→input affine transform per image.
+
+    Args:
+        batch_size: transforms to draw; image_size: the square images' side in pixels.
+        augmentation: the largest flip, rotation and shift.
+        rng: source of randomness.
 
     Returns:
         float32 array (batch_size, 8) in the layout of `ImageProjectiveTransformV3`.
@@ -58,7 +44,7 @@ def random_transforms(batch_size: int, image_size: int, augmentation: Augmentati
     return transforms
 
 
-def augment(images: np.ndarray, augmentation: Augmentation,
+def augment(images: np.ndarray, augmentation: AugmentationOptions,
             rng: np.random.Generator) -> np.ndarray:
     """Returns one random augmented view of each image.
 

@@ -95,7 +95,9 @@ def test_classifier_becomes_ready_with_metrics(ready_classifier):
 def test_report_has_the_contract_fields(client, ready_classifier):
     report = client.get(f"/v1/classifiers/{ready_classifier['id']}/report").json
     assert report["classifier_id"] == ready_classifier["id"]
-    assert report["m"]["train"] + report["m"]["validation"] == 20
+    # Every image trains the served head and is validated once, out of fold.
+    assert report["m"]["train"] == report["m"]["validation"] == 20
+    assert report["selection"]["k"] == 5 and report["selection"]["candidates"]
     assert report["m"]["train_after_augmentation"] == report["m"]["train"] * 2
     assert report["d"] == FEATURE_DIM * 2 + 2
     assert report["d_over_m"] == pytest.approx(report["d"] / report["m"]["train_after_augmentation"],

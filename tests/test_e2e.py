@@ -31,7 +31,7 @@ def test_create_train_predict_report_delete(server):
     assert resource["status"] == "ready", resource
 
     status, _, report = call("GET", url + "/report")
-    assert status == 200 and report["m"]["train"] + report["m"]["validation"] == 16
+    assert status == 200 and report["m"]["train"] == report["m"]["validation"] == 16
 
     body, content_type = multipart({"image": [("a.png", image_bytes(COLOURS["red"], seed=7)),
                                               ("b.png", image_bytes(COLOURS["blue"], seed=8))]})

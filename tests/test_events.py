@@ -273,17 +273,20 @@ def stored_record(store: ClassifierStore, status="training",
 def test_training_reports_the_running_fits_rows_and_extraction_from_zero(backbone):
     images = [image_bytes(COLOURS[label], seed=i) for label in ("red", "blue") for i in range(6)]
     labels = np.repeat([0, 1], 6)
-    config = training.TrainingConfig(max_epochs=4, patience=10, augmentation=Augmentation(views=0),
-                                     heads=(HeadSpec(0, 0.1, 1e-3), HeadSpec(0, 0.1, 1e-2)))
+    config = training.TrainingConfig(
+        max_epochs=4, patience=10, augmentation=Augmentation(views=0),
+        candidates=(HeadSpec(hidden_units=0, dropout=0.1, l2=1e-3),
+                    HeadSpec(hidden_units=0, dropout=0.1, l2=1e-2)))
     seen: list[training.Progress] = []
     training.train_classifier(images, labels, ["red", "blue"], backbone, config,
                               on_progress=seen.append)
 
     extracting = [p.images_done for p in seen if p.stage == "extracting"]
     assert extracting[0] == 0 and extracting[-1] == 12 and extracting == sorted(extracting)
-    fits = [p for p in seen if p.stage == "training"]
-    assert [len(p.history) for p in fits] == [1, 2, 3, 4, 1, 2, 3, 4]  # restarts per candidate
-    assert [p.candidate for p in fits] == ["1/2"] * 4 + ["2/2"] * 4
+    fits = [p for p in seen if p.stage == "training" and p.candidate != "refit"]
+    # Restarts per candidate and fold: 2 candidates × 5 folds, 4 epochs each.
+    assert [len(p.history) for p in fits] == [1, 2, 3, 4] * 10
+    assert [p.candidate for p in fits[:8]] == ["1/2 fold 1/5"] * 4 + ["2/2 fold 1/5"] * 4
     assert [r["epoch"] for r in fits[3].history] == [1, 2, 3, 4]
     assert set(fits[-1].history[-1]) == {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}
     assert fits[-1].history[-1]["val_accuracy"] == fits[-1].val_accuracy
@@ -343,7 +346,10 @@ def test_a_training_job_streams_extraction_epochs_and_done_to_a_predict_key(serv
     assert all(e.data["images_total"] == 120 for e in events
                if e.kind == "progress" and e.data["images_done"] is not None)
     epochs = [e.data["epoch"] for e in events if e.kind == "epoch"]
-    assert epochs and epochs == sorted(set(epochs)), epochs  # one fit: each row once, in order
+    # One fit per cross-validation fold, each fit's rows once and in order: a run of epochs
+    # restarts only at 1.
+    assert epochs and epochs[0] == 1, epochs
+    assert all(b in (a + 1, 1) for a, b in zip(epochs, epochs[1:])), epochs
     assert events[-1].kind == "done" and events[-1].data["status"] == "ready"
     assert events[-1].data["metrics"]["val_accuracy"] >= 0
     ids = [sse.order(e.id) for e in events]

@@ -1,16 +1,18 @@
 """Unit tests of models/: small images, random backbone weights."""
 
-import dataclasses
-
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from models import heads, training
+from models import fitting, heads, training
 from models.augmentation import Augmentation, augment
 from models.backbone import FEATURE_DIM, build_vgg16
+from models.evaluation import evaluate
+from models.features import extract_features
+from models.options import AUTO_HEADS, AugmentationOptions, HeadOptions, TrainingConfig
 from models.prediction import class_scores, rank
-from models.weights import IMAGENET_FINGERPRINT
 from models.preprocessing import load_image
+from models.weights import IMAGENET_FINGERPRINT
 from tests.helpers import COLOURS, image_bytes
 
 SIZE = 32
@@ -25,9 +27,10 @@ def toy_images(per_label=8, labels=("red", "blue")):
     return images, np.array(label_ids), list(labels)
 
 
-FAST = training.TrainingConfig(max_epochs=30, patience=4, batch_size=16,
-                               augmentation=Augmentation(views=1),
-                               heads=(heads.HeadSpec(0, 0.1, 1e-3),))
+#: One fixed linear head, solved exactly: cross-validated for its metrics, nothing to choose.
+FAST = TrainingConfig(max_epochs=30, patience=4, batch_size=16,
+                      augmentation=AugmentationOptions(views=1),
+                      head=HeadOptions(hidden_units=0, dropout=0.0, l2=1e-3))
 
 
 # ---------------------------------------------------------------- backbone
@@ -96,8 +99,8 @@ def test_flip_only_mirrors_or_keeps_each_image():
 
 def test_augmentation_keeps_labels_in_extracted_features(backbone):
     images, labels, _ = toy_images(per_label=3)
-    features = training.extract_features(images, backbone, views=2, augmentation=Augmentation(),
-                                         rng=np.random.default_rng(0), batch_size=4)
+    features = extract_features(images, backbone, views=2, augmentation=Augmentation(),
+                                rng=np.random.default_rng(0), batch_size=4)
     assert features.shape == (6, 3, FEATURE_DIM)
     # Each augmented view stays closer to its own image's label than to the other label.
     centroids = [features[labels == k, 0].mean(axis=0) for k in (0, 1)]
@@ -108,7 +111,7 @@ def test_augmentation_keeps_labels_in_extracted_features(backbone):
 
 
 def test_invalid_augmentation_is_refused():
-    with pytest.raises(ValueError, match="Invalid augmentation"):
+    with pytest.raises(ValidationError, match="shift"):
         Augmentation(shift=0.7)
 
 
@@ -118,21 +121,13 @@ def test_invalid_augmentation_is_refused():
 def test_backbone_runs_once_per_image_and_view(backbone):
     images, labels, names = toy_images(per_label=5)
     before = backbone.passes
-    config = dataclasses.replace(FAST, augmentation=Augmentation(views=3))
+    config = FAST.model_copy(update={"augmentation": AugmentationOptions(views=3)})
     result = training.train_classifier(images, labels, names, backbone, config)
     m = result.report["m"]
-    expected = m["train"] * (1 + 3) + m["validation"]
-    assert backbone.passes - before == expected
-    assert m["train_after_augmentation"] == m["train"] * 4
-
-
-def test_stratified_split_is_seeded_and_covers_every_label():
-    labels = np.array([0] * 10 + [1] * 2 + [2] * 5)
-    train, val = training.stratified_split(labels, 0.2, seed=3)
-    again = training.stratified_split(labels, 0.2, seed=3)
-    np.testing.assert_array_equal(train, again[0])
-    assert set(labels[val]) == {0, 1, 2} and set(labels[train]) == {0, 1, 2}
-    assert len(set(train) & set(val)) == 0 and len(train) + len(val) == len(labels)
+    # Every image trains the served head, so every image has its views.
+    assert backbone.passes - before == len(images) * (1 + 3)
+    assert m["train"] == m["validation"] == len(images)
+    assert m["train_after_augmentation"] == len(images) * 4
 
 
 def test_early_stopping_restores_the_best_epoch():
@@ -141,24 +136,28 @@ def test_early_stopping_restores_the_best_epoch():
     y = (x[:, 0] > 0).astype(int)
     x_val = rng.normal(size=(20, 16)).astype(np.float32)
     y_val = rng.integers(0, 2, 20)  # unlearnable: validation loss soon rises
-    config = dataclasses.replace(FAST, max_epochs=200, patience=3, learning_rate=0.05)
-    fit = training.fit_head(heads.HeadSpec(0, 0.0, 0.0), x, y, x_val, y_val, 2, config)
+    config = FAST.model_copy(update={"max_epochs": 200, "patience": 3, "learning_rate": 0.05})
+    spec = HeadOptions(hidden_units=0, dropout=0.1, l2=0.0)  # dropout: trained by Adam
+    fit = fitting.fit_head(spec, fitting.Fold(x, y, x_val, y_val), 2, config)
+    assert not spec.is_exact
     assert fit.stopped_early and len(fit.history) < 200
     assert fit.best_epoch == len(fit.history) - 3
-    restored = training.evaluate(fit.model, x_val, y_val, ["a", "b"])["loss"]
-    assert restored == pytest.approx(fit.best_val_loss, abs=2e-3)
+    restored = evaluate(fit.val_probabilities, y_val, ["a", "b"])["loss"]
+    assert restored == pytest.approx(fit.history[fit.best_epoch - 1]["val_loss"], abs=2e-3)
+    assert restored < fit.history[-1]["val_loss"]
 
 
-def test_auto_head_picks_the_lowest_validation_loss(backbone):
-    images, labels, names = toy_images(per_label=6)
-    candidates = (heads.HeadSpec(0, 0.1, 1e-4), heads.HeadSpec(0, 0.1, 3.0),
-                  heads.HeadSpec(32, 0.5, 1e-3))
-    config = dataclasses.replace(FAST, heads=candidates)
-    result = training.train_classifier(images, labels, names, backbone, config)
-    tried = result.report["candidates"]
-    assert len(tried) == 3
-    chosen = next(c for c in tried if c["head"] == result.report["head"])
-    assert chosen["best_val_loss"] == min(c["best_val_loss"] for c in tried)
+def test_an_adam_refit_runs_the_given_epochs_and_serves_raw_features():
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(40, 8)) * 50 + 100).astype(np.float32)  # far from standardised
+    y = (x[:, 0] > 100).astype(int)
+    spec = HeadOptions(hidden_units=4, dropout=0.0, l2=0.0)
+    config = FAST.model_copy(update={"learning_rate": 0.05})
+    fit = fitting.fit_head(spec, fitting.Fold(x, y), 2, config, epochs=7, build=True)
+    assert fit.epochs == 7 and fit.val_probabilities is None
+    probabilities = np.asarray(fit.model.predict_on_batch(x))
+    assert (probabilities.argmax(axis=1) == y).mean() >= 0.9
+    assert heads.trainable_parameters(fit.model) == spec.parameters(8, 2)
 
 
 def test_training_learns_a_separable_toy_task_and_reports(backbone):
@@ -171,9 +170,55 @@ def test_training_learns_a_separable_toy_task_and_reports(backbone):
                                                abs=1e-3)
     assert report["best_epoch"] <= len(report["history"])
     assert set(report["validation"]["per_label"]) == {"red", "blue"}
-    assert np.array(report["validation"]["confusion_matrix"]).sum() == report["m"]["validation"]
+    # Out of fold: every image is in the confusion matrix exactly once.
+    assert np.array(report["validation"]["confusion_matrix"]).sum() == len(images)
     assert any("d/m" in note for note in report["diagnosis"])
-    assert {"decode", "features", "head"} <= set(report["timings_s"])
+    assert {"decode", "features", "selection", "head"} <= set(report["timings_s"])
+    selection = report["selection"]
+    assert selection["k"] == 5 and len(selection["candidates"]) == 1
+    assert selection["rule"].startswith("fixed head")
+    assert report["head"] == FAST.head.as_dict()
+
+
+def test_the_default_grid_is_what_train_classifier_cross_validates(backbone):
+    assert TrainingConfig().heads == AUTO_HEADS
+    images, labels, names = toy_images(per_label=4)
+    config = TrainingConfig(augmentation=AugmentationOptions(views=1), max_epochs=20)
+    report = training.train_classifier(images, labels, names, backbone, config).report
+    tried = [candidate["head"] for candidate in report["selection"]["candidates"]]
+    assert tried == [head.as_dict() for head in AUTO_HEADS]
+    assert report["selection"]["rule"] == "one standard error"
+    assert report["selection"]["k"] == 4  # the smallest label has 4 images
+    # Both ends the benchmarks need: weak L2 (1e-4) and strong (1), and one hidden layer.
+    l2s = [head["l2"] for head in tried if head["hidden_units"] == 0]
+    assert min(l2s) <= 1e-4 and max(l2s) >= 1.0
+    assert any(head["hidden_units"] for head in tried)
+    chosen = report["selection"]["candidates"][report["selection"]["chosen"]]
+    assert chosen["head"] == report["head"] and chosen["d"] == report["d"]
+
+
+def test_out_of_fold_metrics_are_not_the_refit_training_metrics(backbone):
+    # Labels unrelated to the pictures: a weakly regularised head memorises its training images
+    # (the refit scores 1.0 on them) but cannot predict an image it did not train on.
+    images, _, names = toy_images(per_label=8)
+    labels = np.array([0, 1] * 8)
+    config = FAST.model_copy(update={"head": HeadOptions(hidden_units=0, dropout=0.0, l2=1e-4)})
+    report = training.train_classifier(images, labels, names, backbone, config).report
+    assert report["train_accuracy"] == 1.0
+    assert report["validation"]["accuracy"] <= 0.75
+    assert any("overfits" in note for note in report["diagnosis"])
+
+
+def test_two_images_per_label_train_with_two_folds(backbone):
+    images, labels, names = toy_images(per_label=2)
+    result = training.train_classifier(images, labels, names, backbone, TrainingConfig(
+        augmentation=AugmentationOptions(views=1), max_epochs=10))
+    report = result.report
+    assert report["selection"]["k"] == 2
+    assert np.array(report["validation"]["confusion_matrix"]).sum() == 4
+    assert all(len(c["best_epochs"]) == 2 for c in report["selection"]["candidates"])
+    pixels = np.stack([load_image(data, SIZE) for data in images])
+    assert class_scores(backbone, result.head, pixels).shape == (4, 2)
 
 
 def test_same_seed_same_run(backbone):
@@ -192,13 +237,20 @@ def test_should_stop_cancels_training(backbone):
         training.train_classifier(images, labels, names, backbone, FAST, should_stop=lambda: True)
 
 
-def test_progress_is_reported_for_both_stages(backbone):
+def test_progress_is_reported_for_both_stages_with_the_rows_so_far(backbone):
     images, labels, names = toy_images(per_label=4)
     seen = []
     training.train_classifier(images, labels, names, backbone, FAST, on_progress=seen.append)
     stages = [p.stage for p in seen]
     assert stages[0] == "extracting" and stages[-1] == "training"
-    assert seen[-1].epoch >= 1 and seen[-1].val_accuracy is not None
+    assert seen[0].images_total == len(images)
+    folds = [p for p in seen if p.stage == "training" and p.candidate != "refit"]
+    assert folds[0].candidate == "1/1 fold 1/4" and folds[-1].candidate == "1/1 fold 4/4"
+    for progress in folds:
+        assert len(progress.history) == progress.epoch
+        assert progress.history[-1]["val_accuracy"] == progress.val_accuracy
+        assert {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"} <= set(progress.history[-1])
+    assert seen[-1].candidate == "refit" and seen[-1].history == ()
 
 
 # ---------------------------------------------------------------- heads and prediction
@@ -224,8 +276,11 @@ def test_scores_are_probabilities_and_rank_orders_them(backbone):
 
 
 def test_head_parameter_count():
-    model = heads.build_head(heads.HeadSpec(hidden_units=8), 16, 3)
-    assert heads.trainable_parameters(model) == 16 * 8 + 8 + 8 * 3 + 3
+    spec = heads.HeadSpec(hidden_units=8)
+    model = heads.build_head(spec, 16, 3)
+    assert heads.trainable_parameters(model) == 16 * 8 + 8 + 8 * 3 + 3 == spec.parameters(16, 3)
+    linear = heads.HeadSpec(hidden_units=0)
+    assert heads.trainable_parameters(heads.build_head(linear, 16, 3)) == linear.parameters(16, 3)
 
 
 def test_a_mixed_precision_backbone_gives_float32_features_close_to_float32(backbone):

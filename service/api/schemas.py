@@ -207,7 +207,13 @@ class Report(BaseModel):
     d_over_m: float
     diagnosis: list[str]
     head: HeadOptions
-    candidates: list[dict[str, Any]] = Field(description="Heads tried, with their best validation loss")
+    selection: dict[str, Any] | None = Field(
+        None, description="How the head was chosen: k-fold cross-validation of every candidate "
+                          "(mean, std and standard error of validation loss and accuracy), the "
+                          "rule, the chosen one and how it was refitted")
+    candidates: list[dict[str, Any]] | None = Field(
+        None, description="Reports made before cross-validation: heads tried, with their best "
+                          "validation loss")
     history: list[EpochRow]
     best_epoch: int
     stopped_early: bool

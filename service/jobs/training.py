@@ -15,9 +15,8 @@ from collections.abc import Callable
 import numpy as np
 
 from models import training
-from models.augmentation import Augmentation
 from models.backbone import device_name
-from models.heads import AUTO_CANDIDATES, HeadSpec, serialize_weights
+from models.heads import serialize_weights
 from models.options import TrainingOptions
 from models.preprocessing import ImageDecodeError
 from service.errors import NotFound
@@ -32,14 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def training_config(options: TrainingOptions, max_image_pixels: int) -> training.TrainingConfig:
-    """Maps the stored options onto the ML code's config."""
-    heads = AUTO_CANDIDATES if options.head == "auto" else (HeadSpec(**options.head.model_dump()),)
-    return training.TrainingConfig(
-        validation_split=options.validation_split, max_epochs=options.max_epochs,
-        patience=options.patience, learning_rate=options.learning_rate,
-        batch_size=options.batch_size, seed=options.seed,
-        augmentation=Augmentation(**options.augmentation.model_dump()), heads=heads,
-        max_image_pixels=max_image_pixels)
+    """The ML code's config of the stored options (the same pydantic fields) and the limit."""
+    return training.TrainingConfig.of(options, max_image_pixels=max_image_pixels)
 
 
 def worker_identity() -> str:

@@ -1,0 +1,70 @@
+"""Plain-language advice on a trained head, from d/m, the gap between training and validation
+error, and what cross-validation already tried."""
+
+from __future__ import annotations
+
+
+def diagnose(d: int, m: int, train_accuracy: float, val_accuracy: float, validation_size: int,
+             num_classes: int, *, candidates: int = 1, smaller_rejected: int = 0) -> list[str]:
+    """Advice on the chosen head, one sentence group per finding.
+
+    Args:
+        d: trainable parameters of the head; m: training examples (augmented views included).
+        train_accuracy: the head on the images it was trained on; val_accuracy: out of fold.
+        validation_size: images behind `val_accuracy`.
+        num_classes: number of labels.
+        candidates: heads cross-validated; 1 means the head was given in the options.
+        smaller_rejected: how many smaller heads (fewer parameters or stronger L2) were
+            cross-validated and scored worse than the chosen one by more than a standard error.
+            When there are any, the head is not "too big", and when the chosen head is the
+            smallest tried there is no smaller one to suggest: either way advising a smaller
+            head would contradict the selection.
+
+    Returns:
+        Notes in words; at least one.
+    """
+    notes = []
+    fixed_head = candidates == 1
+    smallest_tried = not fixed_head and not smaller_rejected
+    smaller = ('a smaller head (head "auto" cross-validates linear heads over five orders of '
+               "magnitude of L2)") if fixed_head else None
+    if d > m:
+        if smallest_tried:
+            notes.append(
+                f"d/m = {d / m:.2f}: the head has more trainable parameters ({d}) than training "
+                f"examples ({m}); it is already the smallest and most regularised of the "
+                f"{candidates} heads cross-validation tried. More images per label or more "
+                "augmented views (augmentation.views) would help most.")
+        elif smaller_rejected:
+            notes.append(
+                f"d/m = {d / m:.2f}: the head has more trainable parameters ({d}) than training "
+                f"examples ({m}), but cross-validation tried {smaller_rejected} smaller or more "
+                "regularised heads and each did worse by more than a standard error, so its "
+                "L2 penalty, not its size, is what keeps it from memorising. More images per "
+                "label or more augmented views (augmentation.views) would help most.")
+        else:
+            notes.append(
+                f"d/m = {d / m:.2f}: the head has more trainable parameters ({d}) than training "
+                f"examples ({m}), so it can memorise them. More images per label, more augmented "
+                f"views (augmentation.views) or {smaller} would help.")
+    train_error, val_error = 1 - train_accuracy, 1 - val_accuracy
+    if val_error - train_error > 0.1 and val_error > 1.5 * train_error:
+        advice = "More images or stronger augmentation (augmentation.views, rotation, shift, noise)"
+        if smaller:
+            advice += f", or {smaller},"
+        notes.append(
+            f"Validation error ({val_error:.0%}, out of fold) stays far above training error "
+            f"({train_error:.0%}): the head overfits. {advice} would help.")
+    if val_accuracy < 1.0 / num_classes + 0.1:
+        notes.append(
+            f"Validation accuracy ({val_accuracy:.0%}) is near chance for {num_classes} labels: "
+            "check that the folders hold what their names say and that the classes can be told "
+            "apart from the pictures; more images per label would help.")
+    if validation_size < 10 * num_classes:
+        notes.append(
+            f"Only {validation_size} images were validated: the validation metrics are a rough "
+            "estimate. More images per label would make them firmer.")
+    if not notes:
+        notes.append(f"d/m = {d / m:.2f} and validation error is close to training error: "
+                     "no sign of overfitting.")
+    return notes
