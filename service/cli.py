@@ -238,9 +238,32 @@ def delete(session: Session, classifier_id: str) -> None:
         click.echo(f"deleted {classifier_id}")
 
 
+@click.command()
+@click.argument("classifier_id", metavar="ID")
+@click.option("--format", "format_", required=True,
+              type=click.Choice(["savedmodel", "tflite", "onnx"]),
+              help="savedmodel (takes image bytes or pixels), tflite or onnx (take pixels).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the zip (default: the server's file name, here).")
+@click.option("--version", "version", type=click.IntRange(min=1),
+              help="The version to export (default: the served one).")
+@pass_session
+def export(session: Session, classifier_id: str, format_: str, output: Path | None,
+           version: int | None) -> None:
+    """Download a classifier to run elsewhere: the model, labels.json, model-card.json and a
+    README, as a zip. Waits while the server builds it."""
+    def waiting(seconds: float) -> None:
+        click.echo(f"the server is building the {format_} export; checking again in "
+                   f"{seconds:g} s", err=True)
+
+    written = session.client().export(classifier_id, format_, output, version=version,
+                                      on_wait=waiting)
+    click.echo(str(written))
+
+
 #: The commands, in the order `headstart --help` lists them. A new one (add, versions, alias,
-#: export) is a click command above, with `@json_option` and `@pass_session`, and a name here.
-COMMANDS = [create, list_classifiers, show, report, predict, delete]
+#: ...) is a click command above, with `@json_option` and `@pass_session`, and a name here.
+COMMANDS = [create, list_classifiers, show, report, predict, delete, export]
 for _command in COMMANDS:
     cli.add_command(_command)
 

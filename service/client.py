@@ -169,6 +169,40 @@ class Client:
         """Cancels training if it runs and deletes everything of the classifier."""
         self._send("DELETE", f"/v1/classifiers/{_segment(classifier_id)}")
 
+    def export(self, classifier_id: str, format: str, target: str | os.PathLike | None = None, *,
+               version: int | None = None, timeout_s: float = 900,
+               on_wait: Callable[[float], None] = lambda seconds: None) -> Path:
+        """Downloads the classifier as a zip to run elsewhere (`format`: savedmodel, tflite,
+        onnx), polling while the server builds it (202 + Retry-After); streams it to `target`
+        (default: the server's file name, in the current folder). Returns the path written."""
+        params = {"format": format, **({"version": version} if version else {})}
+        path = f"/v1/classifiers/{_segment(classifier_id)}/export"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with self._http.stream("GET", path, params=params) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise _problem(response)
+                    if response.status_code == 202:
+                        wait = float(response.headers.get("Retry-After", "5"))
+                        if time.monotonic() + wait > deadline:
+                            raise ClientError(f"the export of {classifier_id} was not ready "
+                                              f"within {timeout_s:g} s")
+                        on_wait(wait)
+                        time.sleep(wait)
+                        continue
+                    name = _attachment_name(response.headers.get("Content-Disposition", ""))
+                    out = Path(target) if target else Path(name or f"{classifier_id}-{format}.zip")
+                    partial = out.with_name(out.name + ".part")
+                    with open(partial, "wb") as file:
+                        for chunk in response.iter_bytes():
+                            file.write(chunk)
+                    partial.replace(out)
+                    return out
+            except httpx.TransportError as error:
+                raise _unreachable(self.url, error) from None
+
     def predict(self, classifier_id: str, images: Sequence[str | os.PathLike | tuple[str, bytes]],
                 *, top_k: int | None = None, threshold: float | None = None,
                 version: int | None = None, batch_size: int = PREDICT_BATCH) -> Document:
@@ -265,6 +299,15 @@ class Client:
         except ValueError:
             raise ClientError(f"{method} {path}: the server answered {response.status_code} "
                               f"with a body that is not JSON: {response.text[:200]!r}") from None
+
+
+def _attachment_name(disposition: str) -> str | None:
+    """The file name of a `Content-Disposition: attachment; filename=…`, as a bare name."""
+    for part in disposition.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key.lower() == "filename" and value:
+            return Path(value.strip('"')).name or None
+    return None
 
 
 def _segment(classifier_id: str) -> str:

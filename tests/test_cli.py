@@ -143,6 +143,23 @@ def test_predict_expands_globs_and_batches_32_to_a_request(server, created, phot
     assert document["classifier_id"] == classifier_id and len(document["predictions"]) == 1
 
 
+def test_export_waits_for_the_build_then_writes_the_zip(server, created, tmp_path):
+    classifier_id, _ = created
+    target = tmp_path / "model.zip"
+    result = headstart("export", classifier_id, "--format", "onnx", "-o", str(target),
+                       url=server.url, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(target)
+    with zipfile.ZipFile(target) as archive:
+        names = set(archive.namelist())
+        assert {"labels.json", "model-card.json", "README.md"} <= names
+        assert any(name.endswith(".onnx") for name in names)
+        assert json.loads(archive.read("labels.json")) == ["blue", "red"]
+    refused = headstart("export", classifier_id, "--format", "onnx", "-o", str(target),
+                        url=server.url, key=PREDICT_KEY)
+    assert refused.returncode == 1 and "Forbidden (403)" in refused.stderr
+
+
 def test_create_a_zip_without_wait_then_delete_it(server, tmp_path):
     archive = tmp_path / "toys.zip"
     archive.write_bytes(dataset_zip(3))

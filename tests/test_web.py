@@ -223,6 +223,14 @@ def test_create_from_a_folder_follow_it_read_the_report_try_it_and_delete_it(
     expect(page.get_by_text("None: every file in the upload was used.")).to_be_visible()
     screenshot(page, "report.png", page.locator(".report"))
 
+    # Export: the zip is built on the server, then saved by the browser.
+    page.get_by_test_id("export-format").select_option("onnx")
+    with page.expect_download(timeout=300_000) as exported:
+        page.get_by_test_id("export-button").click()
+    assert exported.value.suggested_filename.endswith("-onnx.zip")
+    with zipfile.ZipFile(exported.value.path()) as archive:
+        assert "labels.json" in archive.namelist()
+
     # Try it: the top labels with their scores, as bars.
     page.get_by_test_id("try-input").set_input_files(
         {"name": "red.png", "mimeType": "image/png", "buffer": image_bytes(COLOURS["red"], seed=9)})
@@ -414,6 +422,7 @@ def test_api_keys_the_prompt_and_what_a_predict_key_cannot_do(keyed_server, brow
     expect(page.get_by_role("heading", level=1)).to_have_text("blue-vs-red")
     expect(page.get_by_test_id("try-input")).to_be_attached()  # a predict key may try it
     expect(page.get_by_test_id("delete-button")).to_have_count(0)
+    expect(page.get_by_test_id("export-button")).to_have_count(0)  # an export is admin-only
     assert page.evaluate("sessionStorage.getItem('headstart.api-key')") == PREDICT_KEY
 
     page.get_by_test_id("sign-out").click()

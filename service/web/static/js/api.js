@@ -111,6 +111,25 @@ export async function download(path, filename) {
   setTimeout(() => URL.revokeObjectURL(url), 10_000);
 }
 
+/** Download an export: the server answers 202 with Retry-After while it builds the zip. */
+export async function downloadExport(path, filename, onWait) {
+  for (;;) {
+    const response = await api(path, {raw: true, headers: {Accept: "application/zip"}});
+    if (response.status !== 202) {
+      const url = URL.createObjectURL(await response.blob());
+      const link = h("a", {href: url, download: filename, hidden: true});
+      document.body.append(link);
+      link.click();
+      link.remove();
+      setTimeout(() => URL.revokeObjectURL(url), 10_000);
+      return;
+    }
+    const seconds = Number(response.headers.get("Retry-After") || 5);
+    onWait(seconds);
+    await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+  }
+}
+
 // ----------------------------------------------------------------- visible messages
 
 function notice(kind, title, detail) {

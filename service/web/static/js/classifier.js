@@ -181,7 +181,7 @@ export function mount(root, ctx) {
     try {
       const report = await api(`${base}/report`, {quiet: [409]});
       reportSection.hidden = false;
-      reportSection.replaceChildren(reportView.render(report, classifier, {base}));
+      reportSection.replaceChildren(reportView.render(report, classifier, {base, canExport: ctx.can.export()}));
       drawLive();
     } catch (error) {
       if (error.status === 409) reportLoaded = null; // not written yet: try on the next update

@@ -14,6 +14,7 @@ let unmount = () => {};
 const can = {
   create: () => session?.scope === "admin",
   delete: () => session?.scope === "admin",
+  export: () => session?.scope === "admin",  // an export is the whole model: admin keys only
 };
 
 function renderSession() {

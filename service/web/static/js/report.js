@@ -2,7 +2,7 @@
 // matrix, per-label scores, dataset health, skipped files, timings and the backbone. Fields a
 // newer server adds (fine_tuned, calibration, health, final) are shown when present.
 
-import {download} from "./api.js";
+import {download, downloadExport, showMessage} from "./api.js";
 import {confusionMatrix, learningCurves} from "./charts.js";
 import {facts, h, number, percent} from "./dom.js";
 
@@ -132,7 +132,27 @@ function details(report) {
     h("details", {}, h("summary", {}, "Options used"), h("pre", {class: "json"}, JSON.stringify(report.options, null, 2))));
 }
 
-export function render(report, classifier, {base}) {
+function exportControls(report, base) {
+  const format = h("select", {"aria-label": "Export format", "data-testid": "export-format"},
+    h("option", {value: "savedmodel"}, "SavedModel (TensorFlow)"),
+    h("option", {value: "tflite"}, "TFLite"),
+    h("option", {value: "onnx"}, "ONNX"));
+  const button = h("button", {type: "button", class: "secondary small", "data-testid": "export-button"},
+    "Export model");
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    try {
+      await downloadExport(`${base}/export?format=${format.value}`,
+        `${report.classifier_id}-${format.value}.zip`,
+        (seconds) => showMessage("Building the export", `checking again in ${seconds} s…`));
+    } finally {
+      button.disabled = false;
+    }
+  });
+  return [format, button];
+}
+
+export function render(report, classifier, {base, canExport = false}) {
   const validation = report.validation || {};
   const saveCurves = h("button", {type: "button", class: "secondary small"}, "Curves (SVG)");
   const saveMatrix = h("button", {type: "button", class: "secondary small"}, "Confusion matrix (SVG)");
@@ -145,7 +165,7 @@ export function render(report, classifier, {base}) {
     h("div", {class: "section-head"}, h("h2", {id: "report-title"}, "Training report"),
       report.final === false ? h("span", {class: "badge badge-training"}, "preliminary: a better head is still training") : null,
       h("div", {class: "actions", role: "group", "aria-label": "Download"}, h("span", {class: "muted small"}, "Download:"),
-        saveCurves, saveMatrix, saveJson)),
+        saveCurves, saveMatrix, saveJson, ...(canExport ? exportControls(report, base) : []))),
     h("div", {class: "stats"},
       stat("Validation accuracy", percent(validation.accuracy)),
       stat("Training accuracy", percent(report.train_accuracy)),
