@@ -49,7 +49,8 @@ class Fold:
 
     @cached_property
     def rows(self) -> TensorRows:
-        """Standardised training rows for the exact solver, computed once per fold."""
+        """The standardised training rows as one tensor, computed once per fold and shared by
+        every fit on it (exact and Adam)."""
         return TensorRows(self.standardizer(self.x_train))
 
     @cached_property
@@ -157,16 +158,14 @@ def _fit_adam(spec, fold, num_classes, config, *, epochs, on_epoch, should_stop)
     validating = fold.x_val is not None
     if not validating and epochs is None:
         raise ValueError("An Adam fit without validation rows needs an epoch count.")
-    z_train = fold.standardizer(fold.x_train)
-    z_val = fold.z_val
-    program = _AdamProgram.get(spec, z_train.shape[1], num_classes, config.learning_rate)
+    n, feature_dim = fold.rows.shape
+    program = _AdamProgram.get(spec, feature_dim, num_classes, config.learning_rate)
     with program.lock:
         program.reset(config.seed)
         rng = np.random.default_rng(config.seed)
-        x_train_t = tf.constant(z_train, tf.float32)
+        x_train_t = fold.rows.z
         y_train_t = tf.constant(fold.y_train, tf.int32)
-        x_val_t = tf.constant(z_val, tf.float32) if validating else None
-        n = len(z_train)
+        x_val_t = tf.constant(fold.z_val, tf.float32) if validating else None
         history, best_weights, best_val, best_loss, best_epoch, waited = [], None, None, np.inf, 0, 0
         max_epochs = config.max_epochs if validating else epochs
         for epoch in range(1, max_epochs + 1):
@@ -198,7 +197,7 @@ def _fit_adam(spec, fold, num_classes, config, *, epochs, on_epoch, should_stop)
         weights = best_weights if validating else program.model.get_weights()
     model = None
     if not validating:
-        model = heads_lib.build_head(spec, z_train.shape[1], num_classes)
+        model = heads_lib.build_head(spec, feature_dim, num_classes)
         model.set_weights([fold.standardizer.mean.astype(np.float32),
                            fold.standardizer.variance.astype(np.float32),
                            np.array(0, dtype="int64"), *weights[3:]])

@@ -45,14 +45,16 @@ class Standardizer:
 
     @classmethod
     def fit(cls, x: np.ndarray) -> Standardizer:
-        """Statistics of float32 (n, feature_dim) features."""
-        x = np.asarray(x, np.float64)
-        return cls(x.mean(axis=0), x.var(axis=0))
+        """Statistics of float32 (n, feature_dim) features, accumulated in float64 (without a
+        float64 copy of the features)."""
+        return cls(x.mean(axis=0, dtype=np.float64), x.var(axis=0, dtype=np.float64))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """float (n, feature_dim) → float32 (n, feature_dim) z-scores."""
-        scale = np.maximum(np.sqrt(self.variance), EPSILON)
-        return ((np.asarray(x, np.float64) - self.mean) / scale).astype(np.float32)
+        """float (n, feature_dim) → float32 (n, feature_dim) z-scores (one float32 copy)."""
+        scale = np.maximum(np.sqrt(self.variance), EPSILON).astype(np.float32)
+        z = np.asarray(x, np.float32) - self.mean.astype(np.float32)
+        z /= scale
+        return z
 
 
 @dataclass

@@ -116,13 +116,13 @@ def test_logistic_regression_reaches_the_minimum(l2):
 
 
 def test_a_warm_start_reaches_the_same_solution_sooner():
-    features, labels = blobs(40, 0, dim=64, separation=1.0)
+    features, labels = blobs(40, 0, dim=256, separation=1.0)
     z = logistic.Standardizer.fit(features[:, 0])(features[:, 0])
-    strong = logistic.fit_logistic(z, labels, 2, 0.1)
-    cold = logistic.fit_logistic(z, labels, 2, 0.03)
-    warm = logistic.fit_logistic(z, labels, 2, 0.03, init=strong)
+    strong = logistic.fit_logistic(z, labels, 2, 0.03)
+    cold = logistic.fit_logistic(z, labels, 2, 0.01)
+    warm = logistic.fit_logistic(z, labels, 2, 0.01, init=strong)
     assert warm.iterations < cold.iterations
-    np.testing.assert_allclose(warm.probabilities(z), cold.probabilities(z), atol=1e-4)
+    np.testing.assert_allclose(warm.probabilities(z), cold.probabilities(z), atol=5e-4)
 
 
 def test_a_solved_linear_head_scores_raw_features_like_the_solution():
