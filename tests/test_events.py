@@ -342,7 +342,9 @@ def test_a_training_job_streams_extraction_epochs_and_done_to_a_predict_key(serv
     extraction = [e.data["images_done"] for e in events
                   if e.kind == "progress" and e.data["stage"] == "extracting"
                   and e.data["images_done"] is not None]
-    assert len(extraction) >= 2 and extraction == sorted(set(extraction)), extraction
+    # NB: progress reaches the store about once a second, so a fast extraction may show one
+    # write; that it is written per batch is tested on the training loop itself.
+    assert extraction and extraction == sorted(set(extraction)), extraction
     assert all(e.data["images_total"] == 120 for e in events
                if e.kind == "progress" and e.data["images_done"] is not None)
     epochs = [e.data["epoch"] for e in events if e.kind == "epoch"]

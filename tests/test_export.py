@@ -277,8 +277,10 @@ def wait_ready(client, classifier_id) -> dict:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
+    # NB: parity is promised in float32; `auto` would pick bfloat16 on a CPU with AVX512_BF16.
     app = create_app(Settings(store=str(root / "store"), backbone_weights="random",
-                              image_size=TEST_IMAGE_SIZE, weights_cache=root / "cache"))
+                              image_size=TEST_IMAGE_SIZE, weights_cache=root / "cache",
+                              precision="float32"))
     wait(lambda: app.test_client().get("/readyz").status_code == 200, what="the backbone")
     return app
 
