@@ -68,3 +68,30 @@ def diagnose(d: int, m: int, train_accuracy: float, val_accuracy: float, validat
         notes.append(f"d/m = {d / m:.2f} and validation error is close to training error: "
                      "no sign of overfitting.")
     return notes
+
+
+def fine_tuning_notes(d_head: int, d_blocks: int, m: int, *, l2_sp: float, learning_rate: float,
+                      relative_shift: dict[str, float], best_epoch: int, max_epochs: int) -> list[str]:
+    """Why a fine-tuned classifier's d/m overstates its capacity.
+
+    Args:
+        d_head: the head's trainable parameters; d_blocks: the trained conv layers'.
+        m: training examples (augmented views included).
+        l2_sp, learning_rate: the tether α and Adam's step size of the kept run.
+        relative_shift: per trained layer, ‖w − w⁰‖/‖w⁰‖ of the kept weights.
+        best_epoch, max_epochs: where validation stopped the kept run, of how many allowed.
+
+    Returns:
+        Notes in words.
+    """
+    d = d_head + d_blocks
+    largest = max(relative_shift, key=relative_shift.get)
+    return [
+        f"Fine-tuned: d = {d} counts the {d_blocks} conv parameters of the trained blocks as "
+        f"well as the head's {d_head}, so d/m = {d / m:.0f}. They do not start from nothing and "
+        f"do not go far: the L2-SP tether α/2·‖w − w⁰‖² (α = {l2_sp:g}) pulls them back to the "
+        f"ImageNet weights w⁰, Adam's step size is small ({learning_rate:g}), and early "
+        f"stopping on validation kept epoch {best_epoch} of at most {max_epochs}. The largest "
+        f"relative move is {relative_shift[largest]:.2%} ({largest}): the trained blocks stay "
+        "in a small ball around the pretrained hypothesis, so the effective hypothesis space "
+        "is far smaller than d suggests, and validation, not d/m, decided that it pays."]

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from models.augmentation import Augmentation, augment
 from models.backbone import Backbone, pool_features
+from models.progress import Cancelled  # NB: the one the job code catches
 
 #: Trained blocks → (the frozen layer whose output is cached, the conv layers that train).
 BLOCKS = {
@@ -39,8 +40,6 @@ BLOCKS = {
 }
 
 
-class Cancelled(Exception):
-    """Raised inside fine-tuning when `should_stop` says the job was cancelled."""
 
 
 @dataclass(frozen=True)
@@ -137,24 +136,54 @@ def pretrained_weights(backbone: Backbone, blocks: int) -> dict[str, tuple[np.nd
             for name in BLOCKS[blocks][1]}
 
 
+#: Prefix of the fine-tuned conv weights inside a stored head file (`blocks.{layer}.kernel`).
+BLOCKS_PREFIX = "blocks."
+
+
+def block_arrays(weights: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The trained blocks as float16 named arrays for a head file: `blocks.{layer}.kernel|bias`."""
+    return {f"{BLOCKS_PREFIX}{name}.{part}": np.asarray(array, np.float16)
+            for name, pair in weights.items() for part, array in zip(("kernel", "bias"), pair)}
+
+
+def blocks_from_arrays(arrays) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]] | None:
+    """(blocks, weights) from a head file's `blocks.*` arrays (an npz or a mapping); None when
+    it has none (a frozen classifier). Anything but exactly one block set's layers is refused."""
+    keys = [key for key in arrays if key.startswith(BLOCKS_PREFIX)]
+    if not keys:
+        return None
+    names = sorted({key[len(BLOCKS_PREFIX):].rsplit(".", 1)[0] for key in keys})
+    for blocks, (_, layers) in BLOCKS.items():
+        if names == sorted(layers):
+            return blocks, {name: (arrays[f"{BLOCKS_PREFIX}{name}.kernel"],
+                                   arrays[f"{BLOCKS_PREFIX}{name}.bias"]) for name in layers}
+    raise ValueError(f"not a fine-tuned block file: layers {names}")
+
+
+def load_upper(arrays, backbone: Backbone) -> UpperBlocks | None:
+    """Serving: the trained blocks of a head file on `backbone`, or None (frozen)."""
+    found = blocks_from_arrays(arrays)
+    if found is None:
+        return None
+    blocks, weights = found
+    return UpperBlocks(blocks, backbone.activation_shape(BLOCKS[blocks][0]), weights,
+                       backbone.precision)
+
+
 def serialize_blocks(weights: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:
-    """Trained blocks as a float16 .npz (about 14 MB for block5), no pickles."""
+    """Trained blocks alone as a float16 .npz (about 14 MB for block5), no pickles."""
     buffer = io.BytesIO()
-    np.savez(buffer, **{f"{name}/{part}": np.asarray(array, np.float16)
-                        for name, pair in weights.items()
-                        for part, array in zip(("kernel", "bias"), pair)})
+    np.savez(buffer, **block_arrays(weights))
     return buffer.getvalue()
 
 
 def load_blocks(data: bytes) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """(blocks, weights) from `serialize_blocks`' bytes; refuses anything else."""
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        names = sorted({key.split("/")[0] for key in archive.files})
-        for blocks, (_, layers) in BLOCKS.items():
-            if names == sorted(layers):
-                return blocks, {name: (archive[f"{name}/kernel"], archive[f"{name}/bias"])
-                                for name in layers}
-    raise ValueError(f"not a fine-tuned block file: layers {names}")
+        found = blocks_from_arrays(archive)
+    if found is None:
+        raise ValueError("not a fine-tuned block file: no blocks.* arrays")
+    return found
 
 
 def mixed_pass(backbone: Backbone, images: np.ndarray,
@@ -177,9 +206,19 @@ def mixed_pass(backbone: Backbone, images: np.ndarray,
         return backbone.features(images)
     cut = BLOCKS[deepest][0]
     lower = backbone.activations(images, cut, dtype=tf.float32)
-    shared = _shared_upper(backbone, deepest, lower.shape[1:])
-    block4_pool, block5, pooled = (t.numpy() for t in shared.model(lower, training=False))
-    features = pool_features(block4_pool, block5, pooled).numpy()
+    features = np.zeros((len(images), backbone.feature_dim), np.float32)
+    # NB: the shared upper blocks run only for the rows that need them (frozen rows, and the
+    # block4_pool of one-block rows when two-block rows set the cut), so a batch of fine-tuned
+    # rows costs the frozen blocks plus their own blocks, not the shared ones as well.
+    shared_rows = [row for row, upper in enumerate(uppers)
+                   if upper is None or upper.blocks != deepest]
+    block4_pool = None
+    if shared_rows:
+        shared = _shared_upper(backbone, deepest, lower.shape[1:])
+        taps = [t.numpy() for t in shared.model(lower[shared_rows], training=False)]
+        block4_pool = np.zeros((len(images), *taps[0].shape[1:]), taps[0].dtype)
+        block4_pool[shared_rows] = taps[0]
+        features[shared_rows] = pool_features(*taps).numpy()
     groups: dict[int, list[int]] = {}
     for row, upper in enumerate(uppers):
         if upper is not None:
@@ -271,8 +310,9 @@ class FineTuneResult:
     seconds: float
 
 
-def fine_tune(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np.ndarray,
-              head: keras.Model, backbone: Backbone, config: FineTuneConfig, *,
+def fine_tune(train: np.ndarray, y_train: np.ndarray, val: np.ndarray | None,
+              y_val: np.ndarray | None, head: keras.Model, backbone: Backbone,
+              config: FineTuneConfig, *,
               on_epoch: Callable[[int, dict], None] = lambda epoch, row: None,
               should_stop: Callable[[], bool] = lambda: False) -> FineTuneResult:
     """Trains the deepest blocks and a warm-started head together, with L2-SP.
@@ -280,6 +320,7 @@ def fine_tune(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np
     Args:
         train: float16 (n, h, w, c) cached activations of training views; y_train int (n,).
         val: float16 (m, h, w, c) activations of unaugmented validation images; y_val (m,).
+            None for a refit on every image: it runs exactly `max_epochs` and keeps the last.
         head: the best frozen head (its weights are the warm start; it is not modified).
         config: blocks, α, η, epochs.
 
@@ -294,6 +335,9 @@ def fine_tune(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np
     upper = UpperBlocks(config.blocks, train.shape[1:], initial, backbone.precision)
     tuned_head = keras.models.clone_model(head)
     tuned_head.set_weights(head.get_weights())
+    # NB: Normalization reads its statistics into constants only in finalize_state(); without
+    # it the clone standardises nothing and the "warm start" is another head.
+    tuned_head.get_layer("head_standardize").finalize_state()
     anchors = [tf.constant(initial[layer.name][0], tf.float32) for layer in upper.conv_layers]
     kernels = [layer.kernel for layer in upper.conv_layers]
     variables = upper.model.trainable_weights + tuned_head.trainable_weights
@@ -329,10 +373,12 @@ def fine_tune(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np
     def snapshot():
         return upper.model.get_weights(), tuned_head.get_weights()
 
-    val_loss, val_accuracy = evaluate()  # epoch 0: the warm start, which fine-tuning must beat
+    validating = val is not None
+    # epoch 0: the warm start, which fine-tuning must beat
+    val_loss, val_accuracy = evaluate() if validating else (None, None)
     history = [{"epoch": 0, "loss": None, "accuracy": None, "val_loss": val_loss,
                 "val_accuracy": val_accuracy}]
-    best, best_loss, waited = snapshot(), val_loss, 0
+    best, best_loss, waited = snapshot(), val_loss if validating else np.inf, 0
     for epoch in range(1, config.max_epochs + 1):
         order = rng.permutation(len(train))
         loss_sum = correct = 0.0
@@ -342,12 +388,14 @@ def fine_tune(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np
             batch = np.sort(order[start:start + config.batch_size])  # sorted: memmap reads
             l, c = train_step(tf.constant(train[batch]), tf.constant(y_train[batch], tf.int32))
             loss_sum, correct = loss_sum + float(l), correct + float(c)
-        val_loss, val_accuracy = evaluate()
+        val_loss, val_accuracy = evaluate() if validating else (None, None)
         row = {"epoch": epoch, "loss": loss_sum / len(train), "accuracy": correct / len(train),
                "val_loss": val_loss, "val_accuracy": val_accuracy}
         history.append(row)
         on_epoch(epoch, row)
-        if val_loss < best_loss:
+        if not validating:
+            best = snapshot()
+        elif val_loss < best_loss:
             best, best_loss, waited = snapshot(), val_loss, 0
         else:
             waited += 1
@@ -358,8 +406,11 @@ def fine_tune(train: np.ndarray, y_train: np.ndarray, val: np.ndarray, y_val: np
     # NB: stored as float16; evaluate what will be served, not the float32 master weights.
     for layer in upper.conv_layers:
         layer.set_weights([np.asarray(w, np.float16).astype(np.float32) for w in layer.get_weights()])
-    best_val_loss, _ = evaluate()
-    best_epoch = min(range(len(history)), key=lambda i: history[i]["val_loss"])
+    if validating:
+        best_val_loss, _ = evaluate()
+        best_epoch = min(range(len(history)), key=lambda i: history[i]["val_loss"])
+    else:
+        best_val_loss, best_epoch = float("nan"), len(history) - 1
     shift = {layer.name: float(np.linalg.norm(layer.get_weights()[0] - initial[layer.name][0])
                                / np.linalg.norm(initial[layer.name][0]))
              for layer in upper.conv_layers}
@@ -373,3 +424,275 @@ def _sums(labels, probabilities, cross_entropy):
     predicted = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
     return (cross_entropy(labels, probabilities),
             tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32)))
+
+
+# ---------------------------------------------------------------- the fine-tuning stage
+
+#: Per trained-block set, the cost of one fine-tuning epoch per (image, view) row, in full
+#: backbone passes (forward and backward through the trained blocks): block5 is about a sixth
+#: of VGG16's multiply-adds at any image size, block4 about four times block5.
+EPOCH_COST = {1: 0.5, 2: 2.5}
+#: Caching the frozen blocks' activations (and the features of the warm start), in passes per row.
+CACHE_COST = 1.0
+#: A frozen head whose out-of-fold loss is below this (and accuracy 1) leaves no room.
+NO_ROOM_LOSS = 0.02
+SPLIT = ("one split: the frozen stage's first cross-validation fold is held out of "
+         "fine-tuning and scores every candidate, against the frozen head's out-of-fold "
+         "predictions for the same images")
+RULE = ("the smallest change (mean relative shift of the trained layers) whose validation loss "
+        "is within one standard error (over the held-out images) of the lowest")
+
+
+def estimate_seconds(option, images: int, views: int, seconds_per_row: float, folds: int) -> float:
+    """Predicted wall time of fine-tuning one candidate (`FineTuneOptions`): its split fit and
+    its refit, each for at most `max_epochs` (the cache is counted by `fine_tune_stage`)."""
+    rows = images * (1 + views)
+    split_rows = rows * (1 - 1 / folds)
+    return seconds_per_row * option.max_epochs * EPOCH_COST[option.blocks] * (split_rows + rows)
+
+
+def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
+                    frozen, backbone: Backbone, config, *,
+                    on_progress: Callable = lambda progress: None,
+                    should_stop: Callable[[], bool] = lambda: False):
+    """The fine-tuning stage after a frozen head: decides, chooses, refits and reports.
+
+    With `config.fine_tune` "auto" it runs only when the frozen head leaves room on validation
+    (out-of-fold accuracy below 1 or loss above `NO_ROOM_LOSS`) and the estimated cost (the
+    frozen stage's measured seconds per backbone pass × `EPOCH_COST` × rows × epochs) fits
+    `config.fine_tune_budget_s`; it then tries as many of `config.fine_tune_candidates` as the
+    budget allows. An explicit option runs that one candidate. The frozen blocks run once per
+    (image, view), with the frozen stage's seeded views; every candidate trains on fold ≠ 0
+    and is scored on fold 0 (`SPLIT`), warm-started from the frozen head refitted on those
+    images; the chosen one (`RULE`) must beat the frozen head's out-of-fold loss on fold 0,
+    else the frozen result is returned. The winner is refitted on every image for its best
+    epoch count, warm-started from the frozen stage's served head.
+
+    Args:
+        images: uint8 (n, size, size, 3) decoded training images, in `labels`' order, or a
+            sequence whose slices are such arrays (`models.preprocessing.DecodedImages`).
+        labels: int (n,) indices into `label_names`.
+        frozen: the frozen stage's `models.training.TrainingResult` (its head, report, folds).
+        backbone: the shared backbone (its conv weights are w⁰; it is not modified).
+        config: `models.options.TrainingConfig` (fine_tune, augmentation, seed, budget).
+        on_progress: called with `Progress("fine_tuning", …)` per cached batch and per epoch.
+        should_stop: polled between batches; True raises `Cancelled`.
+
+    Returns:
+        A `TrainingResult`: the fine-tuned one (stage "fine_tuned", `upper` the float16
+        weights, `fine_tuned` {blocks, l2_sp, learning_rate, relative_shift}, a report whose
+        `d` counts the trained conv parameters), or `frozen` itself with report entries
+        `fine_tuning` (why it was skipped or lost, by how much) and `fine_tuned` None.
+    """
+    # NB: imported here: models.training will call this stage, so it cannot be imported first.
+    from models import fitting
+    from models.diagnosis import fine_tuning_notes
+    from models.evaluation import cross_entropy, evaluate
+    from models.options import FineTuneOptions
+    from models.progress import Progress
+    from models.training import TrainingResult
+
+    started = time.perf_counter()
+    labels = np.asarray(labels, int)
+    option, report = config.fine_tune, frozen.report
+    views = config.augmentation.views
+    rows = len(images) * (1 + views)
+    timings = report.get("timings_s", {})
+    seconds_per_row = timings.get("features", 0.0) / max(rows, 1)
+    folds = frozen.selection.folds
+    k = int(folds.max()) + 1
+
+    def kept_frozen(**why) -> object:
+        frozen.report = {**report, "fine_tuned": None, "fine_tuning": why}
+        return frozen
+
+    if option == "off":
+        return kept_frozen(ran=False, reason='fine_tune is "off"')
+    candidates = [option] if isinstance(option, FineTuneOptions) else []
+    budget = {"budget_s": config.fine_tune_budget_s,
+              "seconds_per_backbone_pass": round(seconds_per_row, 5)}
+    if not candidates:
+        validation = report["validation"]
+        if validation["accuracy"] >= 1.0 and validation["loss"] <= NO_ROOM_LOSS:
+            return kept_frozen(
+                ran=False, reason=f"no room: the frozen head is right on every image out of "
+                                  f"fold, with validation loss {validation['loss']:.4f} "
+                                  f"≤ {NO_ROOM_LOSS}", **budget)
+        cost = seconds_per_row * rows * CACHE_COST
+        for candidate in config.fine_tune_candidates:
+            more = estimate_seconds(candidate, len(images), views, seconds_per_row, k)
+            if cost + more > config.fine_tune_budget_s:
+                break
+            cost += more
+            candidates.append(candidate)
+        if not candidates:
+            first = config.fine_tune_candidates[0]
+            need = seconds_per_row * rows * CACHE_COST + estimate_seconds(
+                first, len(images), views, seconds_per_row, k)
+            return kept_frozen(
+                ran=False, reason=f"over budget: fine-tuning {len(images)} images × "
+                                  f"{1 + views} views is estimated at {need:.0f} s on this "
+                                  f"device, more than the {config.fine_tune_budget_s:g} s "
+                                  "budget (HEADSTART_FINE_TUNE_BUDGET_S); a GPU fits it, or "
+                                  "ask for it explicitly", estimated_s=round(need, 1), **budget)
+        budget["estimated_s"] = round(cost, 1)
+
+    # One cache serves every candidate: they train the same blocks.
+    blocks = candidates[0].blocks
+    candidates = [candidate for candidate in candidates if candidate.blocks == blocks]
+    total = len(images)
+    on_progress(Progress("fine_tuning", images_done=0, images_total=total,
+                         candidate="caching activations"))
+    cache = cache_activations(
+        images, backbone, blocks, views=views, augmentation=config.augmentation,
+        rng=np.random.default_rng(config.seed), batch_size=config.extract_batch_size,
+        memory_budget_bytes=config.fine_tune_memory_bytes,
+        on_batch=lambda done: on_progress(Progress("fine_tuning", images_done=done,
+                                                   images_total=total,
+                                                   candidate="caching activations")),
+        should_stop=should_stop)
+    try:
+        cached_s = time.perf_counter() - started
+        held = folds == 0
+        y_rows = np.repeat(labels, 1 + views)
+        train_mask = np.repeat(~held, 1 + views)
+        flat = cache.array.reshape(-1, *cache.array.shape[2:])
+        val, y_val = np.asarray(cache.array[held, 0]), labels[held]
+        train, y_train = flat[train_mask], y_rows[train_mask]
+
+        # The warm start on the split: the frozen head's spec refitted on fold ≠ 0, on the
+        # features the pretrained upper blocks give from the same cached activations.
+        shared = _shared_upper(backbone, blocks, cache.array.shape[2:])
+        features = _features(shared, flat, config.extract_batch_size, should_stop)
+        num_classes = len(label_names)
+        spec = frozen.spec
+        warm = fitting.fit_head(spec, fitting.Fold(features[train_mask], y_train), num_classes,
+                                config, epochs=frozen.selection.result.best_epochs[0],
+                                build=True, should_stop=should_stop).model
+        frozen_loss = float(cross_entropy(frozen.selection.result.out_of_fold[held], y_val))
+
+        tried = []
+        for index, candidate in enumerate(candidates):
+            label = f"{index + 1}/{len(candidates)}"
+            fit = _fit_candidate(candidate, train, y_train, val, y_val, warm, backbone, config,
+                                 label, on_progress, should_stop)
+            probabilities = _probabilities(fit, val, config.extract_batch_size)
+            losses = -np.log(np.clip(probabilities[np.arange(len(y_val)), y_val], 1e-12, None))
+            tried.append((candidate, fit, probabilities, losses))
+        best = min(tried, key=lambda t: t[3].mean())
+        threshold = best[3].mean() + best[3].std(ddof=1) / np.sqrt(len(best[3]))
+        candidate, fit, probabilities, losses = min(
+            (t for t in tried if t[3].mean() <= threshold),
+            key=lambda t: np.mean(list(t[1].relative_shift.values())))
+        summary = {
+            "ran": True, "split": SPLIT, "rule": RULE, "held_out_images": int(held.sum()),
+            "frozen_val_loss": round(frozen_loss, 4),
+            "frozen_val_accuracy": round(float(
+                (frozen.selection.result.out_of_fold[held].argmax(1) == y_val).mean()), 4),
+            "tried": [{**c.model_dump(), "val_loss": round(float(ls.mean()), 4),
+                       "val_loss_se": round(float(ls.std(ddof=1) / np.sqrt(len(ls))), 4),
+                       "val_accuracy": round(float((p.argmax(1) == y_val).mean()), 4),
+                       "best_epoch": f.best_epoch, "stopped_early": f.stopped_early,
+                       "relative_shift": {n: round(v, 6) for n, v in f.relative_shift.items()},
+                       "seconds": round(f.seconds, 3)}
+                      for c, f, p, ls in tried],
+            "chosen": tried.index((candidate, fit, probabilities, losses)),
+            "history": fit.history, **budget,
+        }
+        val_loss = float(losses.mean())
+        summary.update(val_loss=round(val_loss, 4),
+                       improvement=round(frozen_loss - val_loss, 4))
+        if fit.best_epoch == 0 or val_loss >= frozen_loss:
+            summary["seconds"] = round(time.perf_counter() - started, 3)
+            return kept_frozen(
+                kept=False, **summary,
+                reason=f"the frozen head won: fine-tuning's validation loss {val_loss:.4f} "
+                       f"does not beat the frozen head's {frozen_loss:.4f} on the same "
+                       f"{int(held.sum())} held-out images")
+
+        # The refit on every image, for the chosen run's best epoch count.
+        refit_option = candidate.model_copy(update={"max_epochs": fit.best_epoch})
+        refit = _fit_candidate(refit_option, flat, y_rows, None, None, frozen.head, backbone,
+                               config, "refit", on_progress, should_stop)
+        train_accuracy = float((_probabilities(refit, np.asarray(cache.array[:, 0]),
+                                               config.extract_batch_size).argmax(1)
+                                == labels).mean())
+    finally:
+        cache.close()
+
+    upper, head = refit.upper, refit.head
+    d_blocks = upper.parameters()
+    d_head = int(report["d"])
+    m = int(report["m"]["train_after_augmentation"])
+    d = d_head + d_blocks
+    shift = {name: round(value, 6) for name, value in refit.relative_shift.items()}
+    fine_tuned = {"blocks": candidate.blocks, "l2_sp": candidate.l2_sp,
+                  "learning_rate": candidate.learning_rate, "relative_shift": shift}
+    validation = evaluate(probabilities, y_val, label_names)
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    summary["kept"] = True
+    summary["reason"] = (f"fine-tuning won: validation loss {val_loss:.4f} against the frozen "
+                         f"head's {frozen_loss:.4f} on the same {int(held.sum())} held-out "
+                         f"images ({frozen_loss - val_loss:+.4f})")
+    summary["validation"] = ("the chosen run's model trained without fold 0, on fold 0's "
+                             "images; the served blocks and head are refitted on every image")
+    counts = {name: int((y_val == i).sum()) for i, name in enumerate(label_names)}
+    fine_report = {
+        **report,
+        "stage": "fine_tuned",
+        "d": d, "d_over_m": round(d / m, 4),
+        "diagnosis": [*report["diagnosis"], *fine_tuning_notes(
+            d_head, d_blocks, m, l2_sp=candidate.l2_sp, learning_rate=candidate.learning_rate,
+            relative_shift=shift, best_epoch=fit.best_epoch, max_epochs=candidate.max_epochs)],
+        "m": {**report["m"], "validation": int(held.sum()),
+              "per_label": {name: {**report["m"]["per_label"][name], "validation": count}
+                            for name, count in counts.items()}},
+        "validation": validation,
+        "train_accuracy": train_accuracy,
+        "fine_tuned": fine_tuned,
+        "fine_tuning": summary,
+        "timings_s": {**timings, "fine_tuning": round(time.perf_counter() - started, 3),
+                      "fine_tuning_cache": round(cached_s, 3)},
+    }
+    return TrainingResult(spec, head, fine_report, frozen.selection, stage="fine_tuned",
+                          upper=upper.weights(), fine_tuned=fine_tuned)
+
+
+def _features(upper: UpperBlocks, activations: np.ndarray, batch_size: int,
+              should_stop: Callable[[], bool]) -> np.ndarray:
+    """float32 (rows, 2048) features of cached activations (rows, h, w, c) through `upper`."""
+    out = np.zeros((len(activations), 2048), np.float32)
+    for start in range(0, len(activations), batch_size):
+        if should_stop():
+            raise Cancelled()
+        out[start:start + batch_size] = upper.predict_features(
+            np.asarray(activations[start:start + batch_size], np.float16))
+    return out
+
+
+def _fit_candidate(option, train, y_train, val, y_val, head, backbone, config, label,
+                   on_progress, should_stop) -> FineTuneResult:
+    from models.progress import Progress
+
+    rows: list[dict] = []
+
+    def on_epoch(epoch: int, row: dict) -> None:
+        rows.append(row)
+        on_progress(Progress("fine_tuning", epoch=epoch, max_epochs=option.max_epochs,
+                             val_accuracy=row["val_accuracy"], candidate=label,
+                             history=tuple(rows) if val is not None else ()))
+
+    return fine_tune(train, y_train, val, y_val, head, backbone,
+                     FineTuneConfig(blocks=option.blocks, l2_sp=option.l2_sp,
+                                    learning_rate=option.learning_rate,
+                                    max_epochs=option.max_epochs, patience=option.patience,
+                                    seed=config.seed),
+                     on_epoch=on_epoch, should_stop=should_stop)
+
+
+def _probabilities(fit: FineTuneResult, activations: np.ndarray, batch_size: int) -> np.ndarray:
+    """float64 (n, num_classes) of a fine-tuned run on float16 activations (n, h, w, c)."""
+    return np.concatenate([
+        np.asarray(fit.head(fit.upper.predict_features(activations[start:start + batch_size]),
+                            training=False), np.float64)
+        for start in range(0, len(activations), batch_size)])

@@ -11,6 +11,7 @@ head was trained.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 
 import keras
 import numpy as np
@@ -81,10 +82,12 @@ def trainable_parameters(model: keras.Model) -> int:
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
 
-def serialize_weights(model: keras.Model) -> bytes:
-    """All weights of a head (trainable and statistics) as an .npz, without pickles."""
+def serialize_weights(model: keras.Model, extra: Mapping[str, np.ndarray] | None = None) -> bytes:
+    """All weights of a head (trainable and statistics) as an .npz, without pickles: the
+    head's own as `arr_0…`, then `extra` named arrays (e.g. a fine-tuned classifier's
+    `blocks.*`, `models.finetune.block_arrays`)."""
     buffer = io.BytesIO()
-    np.savez(buffer, *model.get_weights())
+    np.savez(buffer, *model.get_weights(), **dict(extra or {}))
     return buffer.getvalue()
 
 
@@ -92,7 +95,8 @@ def load_head(spec: HeadSpec, feature_dim: int, num_classes: int, data: bytes) -
     """Rebuilds a head from its spec and restores weights saved by `serialize_weights`."""
     model = build_head(spec, feature_dim, num_classes)
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        model.set_weights([archive[f"arr_{i}"] for i in range(len(archive.files))])
+        own = sum(name.startswith("arr_") for name in archive.files)  # NB: not the extras
+        model.set_weights([archive[f"arr_{i}"] for i in range(own)])
     # NB: Normalization reads its statistics into constants only in finalize_state().
     model.get_layer("head_standardize").finalize_state()
     return model

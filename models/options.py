@@ -79,6 +79,30 @@ AUTO_HEADS: tuple[HeadOptions, ...] = (
 )
 
 
+class FineTuneOptions(Strict):
+    """One fine-tuning run of the deepest VGG16 blocks, tethered to the ImageNet weights by
+    L2-SP: the loss adds α/2·‖w − w⁰‖² over the trained conv kernels to the head's own L2."""
+
+    blocks: Literal[1, 2] = Field(1, description="1 trains block5_*, 2 trains block4_* and "
+                                                 "block5_*; lower blocks stay frozen and shared")
+    l2_sp: float = Field(0.01, ge=0, le=100,
+                         description="α of the L2-SP penalty α/2·‖w − w⁰‖² (w⁰: ImageNet weights)")
+    learning_rate: float = Field(1e-5, gt=0, le=0.01,
+                                 description="Adam's step size for the blocks and the head")
+    max_epochs: int = Field(10, ge=1, le=200, description="Epoch limit of fine-tuning")
+    patience: int = Field(3, ge=0, le=50,
+                          description="Epochs without val_loss improvement before stopping")
+
+
+#: What `fine_tune: "auto"` tries, cheapest and most tethered first, as many as the time
+#: budget allows (at least the first): block5 only, at two tether strengths and two step sizes.
+AUTO_FINE_TUNES: tuple[FineTuneOptions, ...] = (
+    FineTuneOptions(blocks=1, l2_sp=0.01, learning_rate=1e-5),
+    FineTuneOptions(blocks=1, l2_sp=0.1, learning_rate=1e-5),
+    FineTuneOptions(blocks=1, l2_sp=0.01, learning_rate=1e-4),
+)
+
+
 class TrainingOptions(Strict):
     """The `options` part of a create request. Every field is optional."""
 
@@ -100,6 +124,14 @@ class TrainingOptions(Strict):
         "auto", description='"auto" picks the head by k-fold cross-validation among linear heads '
                             "(L2 1e-4 to 10) and one hidden layer, preferring the smallest within "
                             "one standard error of the best; or a fixed head")
+    fine_tune: FineTuneOptions | Literal["off", "auto"] = Field(
+        "auto", description='After the frozen head: "off"; "auto" (the default) fine-tunes '
+                            "block5 with L2-SP when the frozen head leaves room on validation "
+                            "and the estimated cost fits the worker's time budget "
+                            "(HEADSTART_FINE_TUNE_BUDGET_S: on a GPU most data sets fit, on a "
+                            "small CPU only small ones), trying up to three tether strengths "
+                            "and step sizes, and keeps the result only if its validation loss "
+                            "beats the frozen head's on the same images; or one fixed run")
 
 
 class TrainingConfig(TrainingOptions):
@@ -107,6 +139,7 @@ class TrainingConfig(TrainingOptions):
 
     Attributes:
         candidates: the heads `head: "auto"` chooses from.
+        fine_tune_candidates: what `fine_tune: "auto"` tries, in order, as the budget allows.
         extract_batch_size: images per backbone pass.
         max_image_pixels: decompression bombs: the upload limit applies in training too.
     """
@@ -114,6 +147,13 @@ class TrainingConfig(TrainingOptions):
     candidates: tuple[HeadOptions, ...] = Field(AUTO_HEADS, min_length=1)
     extract_batch_size: int = Field(32, ge=1)
     max_image_pixels: int = Field(40_000_000, gt=0)
+    fine_tune_candidates: tuple[FineTuneOptions, ...] = Field(AUTO_FINE_TUNES, min_length=1)
+    fine_tune_budget_s: float = Field(
+        600.0, ge=0, description='Estimated seconds `fine_tune: "auto"` may spend; past it, it '
+                                 "is skipped (an explicit fine_tune runs regardless)")
+    fine_tune_memory_bytes: int = Field(
+        2 * 1024**3, gt=0, description="Cached activations past this spill to a memory-mapped "
+                                       "temporary file")
 
     @classmethod
     def of(cls, options: TrainingOptions, **overrides) -> TrainingConfig:

@@ -263,3 +263,20 @@ def load_image(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     """
     return resize(decode_image(data, max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio),
                   size)
+
+
+class DecodedImages:
+    """Encoded images that decode when sliced: `images[a:b]` is uint8 (b − a, size, size, 3)
+    from `load_image`. For a second pass over a dataset (fine-tuning) without holding every
+    decoded image at once."""
+
+    def __init__(self, encoded, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self._encoded, self._size, self._max_pixels = list(encoded), size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self._encoded)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return np.stack([self[i] for i in range(*index.indices(len(self)))])
+        return load_image(self._encoded[index], self._size, max_pixels=self._max_pixels)

@@ -48,12 +48,18 @@ class TrainingResult:
         spec: the chosen head; head: the Keras head refitted on every image.
         report: JSON-ready (see `train_classifier`).
         selection: every candidate's cross-validation.
+        stage: which stage made it: None (the frozen head) or "fine_tuned".
+        upper: a fine-tuned head's own blocks, conv layer name → (kernel HWIO, bias) float16.
+        fine_tuned: {"blocks", "l2_sp", "learning_rate", "relative_shift"} or None.
     """
 
     spec: HeadOptions
     head: keras.Model
     report: dict
     selection: Selection
+    stage: str | None = None
+    upper: dict | None = None
+    fine_tuned: dict | None = None
 
 
 def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: Sequence[str],
