@@ -32,7 +32,7 @@ from service.jobs.export import export_builder
 from service.jobs.services import Services
 from service.metrics import Metrics
 from service.serving.backbone import BackboneHolder, batching_options, load_configured_backbone
-from service.serving.heads import HeadCache
+from service.serving.heads import HeadCache, load_served_head
 from service.storage.blobs import LocalBlobStore
 from service.storage.classifiers import ClassifierStore
 
@@ -59,8 +59,8 @@ def create_app(settings: Settings | None = None, *,
     store = open_store(settings)
     backbone = BackboneHolder(lambda: load_configured_backbone(settings),
                               on_error=on_backbone_error, batching=batching_options(settings))
-    heads = HeadCache(lambda record: _load_head(store, backbone, record),
-                      capacity=settings.head_cache_size)
+    heads = HeadCache(lambda record: load_served_head(store, backbone, record),
+                      capacity=settings.head_cache_size, max_bytes=settings.head_cache_bytes)
     services = Services(settings=settings, store=store, backbone=backbone, heads=heads,
                         runner=open_runner(settings), metrics=Metrics())
     services.metrics.watch(store, services.runner.depth, lambda: backbone.passes,
@@ -142,13 +142,6 @@ def _start_sweeper(services: Services) -> None:
                 log.exception("lost-job sweep failed")
 
     threading.Thread(target=sweep, name="lost-job-sweeper", daemon=True).start()
-
-
-def _load_head(store: ClassifierStore, backbone: BackboneHolder, record):
-    from models.heads import HeadSpec, load_head  # NB: Keras, after fork
-
-    spec = HeadSpec(**record.head.model_dump())
-    return load_head(spec, backbone.get().feature_dim, len(record.labels), store.load_head(record))
 
 
 def _instrument(app: Flask, metrics: Metrics) -> None:

@@ -33,7 +33,7 @@ class DatasetSummary(BaseModel):
 
 
 class ProgressOut(BaseModel):
-    stage: Literal["queued", "extracting", "training"]
+    stage: Literal["queued", "extracting", "training", "fine_tuning"]
     images_done: int | None = None
     images_total: int | None = None
     epoch: int | None = None
@@ -74,6 +74,16 @@ class ErrorOut(BaseModel):
     detail: str
 
 
+class FineTunedOut(BaseModel):
+    """A fine-tuned classifier's own blocks: what trained and how far it moved."""
+
+    blocks: int = Field(description="1: block5_* trained; 2: block4_* and block5_*")
+    l2_sp: float = Field(description="α of the penalty α/2·‖w − w⁰‖² toward the ImageNet weights")
+    learning_rate: float
+    relative_shift: dict[str, float] = Field(
+        description="Per trained conv layer, ‖w − w⁰‖/‖w⁰‖ of its kernel")
+
+
 class Classifier(BaseModel):
     """A classifier as users see it."""
 
@@ -89,6 +99,8 @@ class Classifier(BaseModel):
     backbone: BackboneOut | None = None
     error: ErrorOut | None = None
     options: TrainingOptions
+    fine_tuned: FineTunedOut | None = Field(
+        None, description="The served head's own fine-tuned blocks, or null (frozen backbone)")
 
     @classmethod
     def from_record(cls, record: ClassifierRecord) -> Classifier:
@@ -203,7 +215,8 @@ class Report(BaseModel):
     classifier_id: str
     labels: list[str]
     m: DatasetSizes
-    d: int = Field(description="Trainable parameters of the head")
+    d: int = Field(description="Trainable parameters: the head's, plus the trained conv layers' "
+                               "when fine-tuned")
     d_over_m: float
     diagnosis: list[str]
     head: HeadOptions
@@ -224,6 +237,12 @@ class Report(BaseModel):
     backbone: BackboneOut
     device: str = Field(description="Where the head was trained and features extracted")
     precision: str = Field("float32", description="The backbone's compute precision in training")
+    fine_tuned: FineTunedOut | None = Field(
+        None, description="The served head's fine-tuned blocks, or null (frozen backbone)")
+    fine_tuning: dict[str, Any] | None = Field(
+        None, description="What the fine-tuning stage did: ran or not and why, the candidates "
+                          "tried on the held-out split with their validation loss, the frozen "
+                          "head's loss on the same images, which won and by how much")
 
 
 # ---------------------------------------------------------------- operations

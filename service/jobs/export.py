@@ -16,6 +16,7 @@ the model card, as JSON); nothing user-supplied is executed when an export is lo
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel
 
-from service.errors import Conflict, HeadstartError, NotFound, ServiceUnavailable, Unprocessable
+from service.errors import Conflict, HeadstartError, NotFound, ServiceUnavailable
 from service.jobs.services import Services
 from service.storage.classifiers import PreconditionFailed
 from service.storage.records import ClassifierRecord, utc_now
@@ -250,19 +251,23 @@ def write_export(services: Services, source: ExportSource, export_format: str,
     from models import export as export_lib
     from models.heads import HeadSpec, load_head
 
+    import numpy as np
+
+    from models.finetune import blocks_from_arrays
+
     record, store = source.record, services.store
-    if getattr(record, "fine_tuned", None):
-        # NB: the fine-tuning branch adds the classifier's own blocks: pass them as own_blocks.
-        raise Unprocessable(f"classifier {record.id} is fine-tuned; exporting its own blocks "
-                            "is not supported yet")
     backbone = services.backbone.get(wait=True)
     report = json.loads(store.load_report(record))
+    data = store.load_head(record)
     head = load_head(HeadSpec(**record.head.model_dump()), backbone.feature_dim,
-                     len(record.labels), store.load_head(record))
+                     len(record.labels), data)
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        found = blocks_from_arrays(archive)  # a fine-tuned classifier's own blocks, or None
     calibration = report.get("calibration") or getattr(record, "calibration", None)
     temperature = calibration.get("temperature") if isinstance(calibration, dict) else None
     model = export_lib.from_keras(backbone.model, head, backbone.image_size,
-                                  temperature=temperature)
+                                  temperature=temperature,
+                                  own_blocks=found[1] if found else None)
     card = model_card(services, source, report, model, export_format, calibration)
     export_lib.write_archive(model, export_format, record.labels, card, target)
 

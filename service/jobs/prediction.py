@@ -68,11 +68,13 @@ def predict(services: Services, record: ClassifierRecord, images: list[bytes],
                 f"of {len(images)} images took that long; send fewer or smaller images",
                 headers={"Retry-After": "5"})
         decoded.append(_decode(data, index, size, services.settings.max_image_pixels))
-    head = services.heads.get(record)
-    # NB: through a backbone of the precision the head was trained on (service.serving.backbone)
+    served = services.heads.get(record)
+    # NB: through a backbone of the precision the head was trained on (service.serving.backbone);
+    # a fine-tuned classifier's rows share the frozen blocks' pass, then take its own blocks.
     scores = services.backbone.features(np.stack(decoded),
-                                        lambda features: apply_head(head, features),
-                                        deadline=deadline, precision=record.features_precision)
+                                        lambda features: apply_head(served.head, features),
+                                        upper=served.upper, deadline=deadline,
+                                        precision=record.features_precision)
     services.metrics.predictions(len(images))
     return rank(scores, record.labels, min(top_k, len(record.labels)))
 

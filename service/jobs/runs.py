@@ -104,8 +104,10 @@ class TrainingRun:
         """Renews the lease (a no-op once the run has stopped or finished)."""
         self._write()
 
-    def commit(self, head: bytes, report: dict[str, Any], head_options: dict) -> None:
-        """Head and report first, under this run's id; then the record that names them.
+    def commit(self, head: bytes, report: dict[str, Any], head_options: dict,
+               fine_tuned: dict | None = None) -> None:
+        """Head and report first, under this run's id; then the record that names them (and
+        says whether the head is fine-tuned: `fine_tuned`, as the report has it).
 
         Raises:
             ServiceUnavailable: the final write failed. This run's files are removed again,
@@ -119,6 +121,7 @@ class TrainingRun:
         def ready(record: ClassifierRecord) -> None:
             record.status, record.progress, record.run = "ready", None, self.run_id
             record.head = HeadOptions(**head_options)
+            record.fine_tuned = fine_tuned
             record.metrics = Metrics(val_accuracy=validation["accuracy"],
                                      val_loss=validation["loss"])
             record.training_seconds = round(time.monotonic() - self._started, 3)

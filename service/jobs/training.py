@@ -16,9 +16,10 @@ import numpy as np
 
 from models import training
 from models.backbone import device_name
+from models.finetune import block_arrays, fine_tune_stage
 from models.heads import serialize_weights
 from models.options import TrainingOptions
-from models.preprocessing import ImageDecodeError
+from models.preprocessing import DecodedImages, ImageDecodeError
 from service.errors import NotFound
 from service.jobs.recovery import fail_interrupted
 from service.jobs.runs import Stopped, TrainingRun
@@ -30,9 +31,11 @@ from service.storage.records import ACTIVE_STATUSES, ClassifierRecord, Lease, Pr
 log = logging.getLogger(__name__)
 
 
-def training_config(options: TrainingOptions, max_image_pixels: int) -> training.TrainingConfig:
-    """The ML code's config of the stored options (the same pydantic fields) and the limit."""
-    return training.TrainingConfig.of(options, max_image_pixels=max_image_pixels)
+def training_config(options: TrainingOptions, max_image_pixels: int,
+                    fine_tune_budget_s: float = 600.0) -> training.TrainingConfig:
+    """The ML code's config of the stored options (the same pydantic fields) and the limits."""
+    return training.TrainingConfig.of(options, max_image_pixels=max_image_pixels,
+                                      fine_tune_budget_s=fine_tune_budget_s)
 
 
 def worker_identity() -> str:
@@ -57,8 +60,9 @@ def run_training_job(services: Services, classifier_id: str,
     with run.heartbeat():
         try:
             result = _train(services, run)
-            run.commit(serialize_weights(result.head), _report(services, run, result),
-                       result.spec.as_dict())
+            blocks = block_arrays(result.upper) if result.upper else None
+            run.commit(serialize_weights(result.head, blocks), _report(services, run, result),
+                       result.spec.as_dict(), fine_tuned=result.fine_tuned)
         except (training.Cancelled, Stopped):
             log.info("job %s: stopped: %s", classifier_id, run.stop_reason or "cancelled")
             services.metrics.job_event("cancelled")
@@ -122,12 +126,17 @@ def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
     backbone = services.backbone.get(wait=True, precision=record.features_precision)
     _check_same_backbone(record, backbone.identity.as_dict())
     label_index = {label: i for i, label in enumerate(record.labels)}
-    return training.train_classifier(
-        [image.data for image in dataset.images],
-        np.array([label_index[image.label] for image in dataset.images]),
-        record.labels, backbone,
-        training_config(record.options, services.settings.max_image_pixels),
-        on_progress=run.on_progress, should_stop=run.should_stop)
+    config = training_config(record.options, services.settings.max_image_pixels,
+                             services.settings.fine_tune_budget_s)
+    encoded = [image.data for image in dataset.images]
+    labels = np.array([label_index[image.label] for image in dataset.images])
+    result = training.train_classifier(encoded, labels, record.labels, backbone, config,
+                                       on_progress=run.on_progress, should_stop=run.should_stop)
+    # NB: fine-tuning call site until staged training (branch `stages`) lists it as a stage;
+    # it reports why it did not run, too ("off", no room, over budget).
+    pixels = DecodedImages(encoded, backbone.image_size, max_pixels=config.max_image_pixels)
+    return fine_tune_stage(pixels, labels, record.labels, result, backbone, config,
+                           on_progress=run.on_progress, should_stop=run.should_stop)
 
 
 def _report(services: Services, run: TrainingRun, result: training.TrainingResult) -> dict:

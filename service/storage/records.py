@@ -105,6 +105,9 @@ class ClassifierRecord(Stored):
     lease: Lease | None = None
     run: str | None = Field(None, description="The training run whose head and report are current")
     head: HeadOptions | None = None
+    fine_tuned: dict[str, Any] | None = Field(
+        None, description="The committed head's fine-tuned blocks: blocks, l2_sp, learning_rate, "
+                          "relative_shift; None when the blocks are the shared frozen ones")
     training_seconds: float | None = None
 
     @property

@@ -15,6 +15,7 @@ const STAGES = {
   preview: "Training a first head",
   augmented: "Training on augmented images",
   fine_tuned: "Fine-tuning the deepest blocks",
+  fine_tuning: "Fine-tuning the deepest blocks",
 };
 
 function stageText(progress, status) {

@@ -44,7 +44,9 @@ function diagnosis(report) {
     h("div", {class: "ratio"},
       h("div", {class: "ratio-value"},
         h("span", {class: "ratio-name"}, "d/m"), h("strong", {}, number(report.d_over_m, 2))),
-      h("p", {}, h("strong", {}, `d = ${number(report.d)}`), " trainable parameters in the head, ",
+      h("p", {}, h("strong", {}, `d = ${number(report.d)}`),
+        report.fine_tuned ? " trainable parameters in the head and the fine-tuned blocks, "
+          : " trainable parameters in the head, ",
         h("strong", {}, `m = ${number(report.m?.train_after_augmentation)}`), " training examples after augmentation (",
         `${number(report.m?.train)} images). `,
         "The smaller d/m, the less room the head has to memorise its training images instead of learning the labels.")),
