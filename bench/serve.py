@@ -25,6 +25,7 @@ throughput >= 1.7 x the raw float32 backbone's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -76,18 +77,22 @@ def raw_backbones(models: dict, size: int, batch: int, seconds: float) -> dict[s
                 "images_per_s": batch / statistics.median(passes[p])} for p in models}
 
 
-def create_classifiers(client: common.Client, split: common.Split, count: int) -> list[str]:
+def create_classifiers(client: common.Client, split: common.Split, count: int,
+                       extra_options: dict | None = None) -> list[str]:
+    """`count` small classifiers, 4 different images per label each, no augmentation;
+    `extra_options` are added to each one's options (e.g. a fine_tune)."""
     by_label: dict[str, list] = {}
     for example in split.train:
         by_label.setdefault(example[0], []).append(example)
     ids = []
     for seed in range(count):
         examples = [e for items in by_label.values() for e in items[seed * 4:seed * 4 + 4]]
-        options = ('{"max_epochs": 5, "augmentation": {"views": 0}, "seed": %d, '
-                   '"head": {"hidden_units": 0, "dropout": 0.2, "l2": 0.001}}' % seed)
+        options = {"max_epochs": 5, "augmentation": {"views": 0}, "seed": seed,
+                   "head": {"hidden_units": 0, "dropout": 0.2, "l2": 0.001},
+                   **(extra_options or {})}
         created = client.post_multipart("/v1/classifiers", [
             Part("dataset", common.dataset_zip(examples), "d.zip", "application/zip"),
-            Part("options", options.encode())])
+            Part("options", json.dumps(options).encode())])
         ids.append(created["id"])
     for classifier_id in ids:
         while (status := client.get(f"/v1/classifiers/{classifier_id}")["status"]) in (
