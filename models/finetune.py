@@ -439,6 +439,9 @@ NO_ROOM_LOSS = 0.02
 SPLIT = ("one split: the frozen stage's first cross-validation fold is held out of "
          "fine-tuning and scores every candidate, against the frozen head's out-of-fold "
          "predictions for the same images")
+KEEP_RULE = ("kept only if the frozen head's loss minus fine-tuning's, per held-out image, "
+             "averages more than its standard error (and 0.001): the frozen head is the "
+             "smaller hypothesis")
 RULE = ("the smallest change (mean relative shift of the trained layers) whose validation loss "
         "is within one standard error (over the held-out images) of the lowest")
 
@@ -464,8 +467,8 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
     budget allows. An explicit option runs that one candidate. The frozen blocks run once per
     (image, view), with the frozen stage's seeded views; every candidate trains on fold ≠ 0
     and is scored on fold 0 (`SPLIT`), warm-started from the frozen head refitted on those
-    images; the chosen one (`RULE`) must beat the frozen head's out-of-fold loss on fold 0,
-    else the frozen result is returned. The winner is refitted on every image for its best
+    images; the chosen one (`RULE`) must beat the frozen head's out-of-fold loss on fold 0
+    by more than a standard error (`KEEP_RULE`), else the frozen result is returned. The winner is refitted on every image for its best
     epoch count, warm-started from the frozen stage's served head.
 
     Args:
@@ -487,7 +490,8 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
     # NB: imported here: models.training will call this stage, so it cannot be imported first.
     from models import fitting
     from models.diagnosis import fine_tuning_notes
-    from models.evaluation import cross_entropy, evaluate
+    from models.evaluation import evaluate
+    from models.selection import LOSS_RESOLUTION
     from models.options import FineTuneOptions
     from models.progress import Progress
     from models.training import TrainingResult
@@ -569,7 +573,8 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
         warm = fitting.fit_head(spec, fitting.Fold(features[train_mask], y_train), num_classes,
                                 config, epochs=frozen.selection.result.best_epochs[0],
                                 build=True, should_stop=should_stop).model
-        frozen_loss = float(cross_entropy(frozen.selection.result.out_of_fold[held], y_val))
+        frozen_losses = _image_losses(frozen.selection.result.out_of_fold[held], y_val)
+        frozen_loss = float(frozen_losses.mean())
 
         tried = []
         for index, candidate in enumerate(candidates):
@@ -577,7 +582,7 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
             fit = _fit_candidate(candidate, train, y_train, val, y_val, warm, backbone, config,
                                  label, on_progress, should_stop)
             probabilities = _probabilities(fit, val, config.extract_batch_size)
-            losses = -np.log(np.clip(probabilities[np.arange(len(y_val)), y_val], 1e-12, None))
+            losses = _image_losses(probabilities, y_val)
             tried.append((candidate, fit, probabilities, losses))
         best = min(tried, key=lambda t: t[3].mean())
         threshold = best[3].mean() + best[3].std(ddof=1) / np.sqrt(len(best[3]))
@@ -600,15 +605,20 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
             "history": fit.history, **budget,
         }
         val_loss = float(losses.mean())
-        summary.update(val_loss=round(val_loss, 4),
-                       improvement=round(frozen_loss - val_loss, 4))
-        if fit.best_epoch == 0 or val_loss >= frozen_loss:
+        # The frozen head is the smallest change of all (none): fine-tuning must beat it by
+        # more than the standard error of the paired per-image differences.
+        gains = frozen_losses - losses
+        gain, gain_se = float(gains.mean()), float(gains.std(ddof=1) / np.sqrt(len(gains)))
+        summary.update(val_loss=round(val_loss, 4), improvement=round(gain, 4),
+                       improvement_se=round(gain_se, 4), keep_rule=KEEP_RULE)
+        if fit.best_epoch == 0 or gain <= max(gain_se, LOSS_RESOLUTION):
             summary["seconds"] = round(time.perf_counter() - started, 3)
             return kept_frozen(
                 kept=False, **summary,
                 reason=f"the frozen head won: fine-tuning's validation loss {val_loss:.4f} "
-                       f"does not beat the frozen head's {frozen_loss:.4f} on the same "
-                       f"{int(held.sum())} held-out images")
+                       f"against the frozen head's {frozen_loss:.4f} on the same "
+                       f"{int(held.sum())} held-out images is {gain:+.4f}, not more than "
+                       f"its standard error {gain_se:.4f}")
 
         # The refit on every image, for the chosen run's best epoch count.
         refit_option = candidate.model_copy(update={"max_epochs": fit.best_epoch})
@@ -633,7 +643,7 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
     summary["kept"] = True
     summary["reason"] = (f"fine-tuning won: validation loss {val_loss:.4f} against the frozen "
                          f"head's {frozen_loss:.4f} on the same {int(held.sum())} held-out "
-                         f"images ({frozen_loss - val_loss:+.4f})")
+                         f"images ({gain:+.4f} ± {gain_se:.4f})")
     summary["validation"] = ("the chosen run's model trained without fold 0, on fold 0's "
                              "images; the served blocks and head are refitted on every image")
     counts = {name: int((y_val == i).sum()) for i, name in enumerate(label_names)}
@@ -688,6 +698,11 @@ def _fit_candidate(option, train, y_train, val, y_val, head, backbone, config, l
                                     max_epochs=option.max_epochs, patience=option.patience,
                                     seed=config.seed),
                      on_epoch=on_epoch, should_stop=should_stop)
+
+
+def _image_losses(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """float64 (n,) −log p(true label), clipped at 1e-7 as `evaluation.cross_entropy`."""
+    return -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, None))
 
 
 def _probabilities(fit: FineTuneResult, activations: np.ndarray, batch_size: int) -> np.ndarray:
