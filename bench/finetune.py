@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 
 from bench import common
 from bench.common import ServiceError
@@ -142,6 +143,98 @@ def run_dataset(name: str, shared, weights: str, args: argparse.Namespace) -> st
                                      f"{args.throughput_seconds:g} s throughput"})
 
 
+SERVING_HEADING = "Fine-tuning: serving path in process ({size} px, {precision})"
+
+
+def serving_in_process(shared, weights: str, args: argparse.Namespace) -> str:
+    """The serving path without HTTP: the service's batcher (its default settings) and
+    `mixed_pass`, real weights, eight distinct fine-tuned block5 sets (the pretrained kernels
+    times 1 ± 1 %, one per classifier) against eight frozen classifiers, each with its own
+    linear head; closed loop, one image per request. p50 at concurrency 1 (the two alternating,
+    medians over rounds) and images/s at concurrency 8 over the eight classifiers."""
+    import threading
+
+    import numpy as np
+
+    from models.backbone import load_backbone
+    from models.finetune import UpperBlocks, pretrained_weights
+    from models.heads import HeadSpec, build_head
+    from models.precision import resolve
+    from models.prediction import apply_head
+    from models.preprocessing import load_image
+    from service.config import Settings
+    from service.serving.backbone import batching_options
+    from service.serving.batching import FeatureBatcher
+
+    size = args.image_size or 224
+    backbone = load_backbone(weights, size, precision=resolve("auto"))
+    backbone.warm_up()
+    split = common.load_split("hymenoptera", shared)
+    images = [load_image(path.read_bytes(), size)[None] for _, path in split.test[:16]]
+    rng = np.random.default_rng(0)
+    heads, uppers = [], []
+    base = pretrained_weights(backbone, 1)
+    for _ in range(8):
+        head = build_head(HeadSpec(hidden_units=0, dropout=0.0, l2=1.0), backbone.feature_dim, 2)
+        head.get_layer("head_standardize").adapt(rng.normal(size=(4, backbone.feature_dim)))
+        heads.append(head)
+        uppers.append(UpperBlocks(1, backbone.activation_shape("block4_pool"),
+                                  {name: (k * rng.uniform(0.99, 1.01, k.shape), b)
+                                   for name, (k, b) in base.items()}, backbone.precision))
+    batcher = FeatureBatcher(backbone, **batching_options(Settings())).start()
+    for head, upper in zip(heads, uppers):  # compile every path once
+        batcher.features(images[0], lambda f, h=head: apply_head(h, f), upper=upper)
+        batcher.features(images[0], lambda f, h=head: apply_head(h, f))
+
+    def closed_loop(concurrency: int, tuned: bool, seconds: float) -> tuple[float, float]:
+        latencies, stop_at = [], time.monotonic() + seconds
+        lock = threading.Lock()
+
+        def user(index: int) -> None:
+            n = index
+            while time.monotonic() < stop_at:
+                which = n % 8
+                started = time.perf_counter()
+                batcher.features(images[n % len(images)],
+                                 lambda f, h=heads[which]: apply_head(h, f),
+                                 upper=uppers[which] if tuned else None)
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+                n += concurrency
+
+        threads = [threading.Thread(target=user, args=(i,)) for i in range(concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return float(np.percentile(latencies, 50)), len(latencies) / seconds
+
+    p50 = {"frozen": [], "fine-tuned": []}
+    rate = {"frozen": [], "fine-tuned": []}
+    for _ in range(args.rounds):
+        for name, tuned in (("frozen", False), ("fine-tuned", True)):
+            p50[name].append(closed_loop(1, tuned, args.seconds)[0])
+            rate[name].append(closed_loop(8, tuned, args.throughput_seconds)[1])
+    print(f"in process: p50 {p50}, images/s {rate}", file=sys.stderr)
+    median = {name: (statistics.median(p50[name]), statistics.median(rate[name]))
+              for name in p50}
+    rows = [[name, f"{median[name][0] * 1000:.0f}", f"{median[name][1]:.2f}",
+             ", ".join(f"{v * 1000:.0f}" for v in p50[name]),
+             ", ".join(f"{v:.2f}" for v in rate[name])] for name in p50]
+    ratio_p50 = median["fine-tuned"][0] / median["frozen"][0]
+    ratio_rate = median["fine-tuned"][1] / median["frozen"][1]
+    body = common.markdown_table(
+        ["8 classifiers", "p50 ms, c=1 (median)", "images/s, c=8 (median)", "p50 per round",
+         "images/s per round"], rows) + (
+        f"\n\n- fine-tuned / frozen: p50 {ratio_p50:.2f}× (target ≤ 1.15×), throughput "
+        f"{ratio_rate:.2f}× (target ≥ 0.9×).\n- the batcher with the service's default "
+        "settings; heads untrained (their cost is negligible); hymenoptera val images.")
+    print(body)
+    return common.section(SERVING_HEADING.format(size=size, precision=backbone.precision), body,
+                          {"rounds": f"{args.rounds} × {args.seconds:g} s latency, "
+                                     f"{args.throughput_seconds:g} s throughput"})
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.finetune",
                                      description=__doc__.split("\n\n")[0])
@@ -155,6 +248,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="latency seconds per classifier and round (0: skip)")
     parser.add_argument("--throughput-seconds", type=float, default=20.0,
                         help="throughput seconds per set and round (0: skip)")
+    parser.add_argument("--serving-only", action="store_true",
+                        help="only the in-process serving measurement (no training)")
     parser.add_argument("--train-timeout", type=float, default=4 * 3600.0)
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
@@ -165,6 +260,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     shared, weights = common.prepare(args)
+    if args.serving_only:
+        text = serving_in_process(shared, weights, args)
+        if args.write:
+            common.write_section(text.splitlines()[0].removeprefix("## "), text)
+        return
     for name in common.dataset_names(args.datasets):
         text = run_dataset(name, shared, weights, args)
         if args.write:
