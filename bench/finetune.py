@@ -30,11 +30,13 @@ from bench.common import ServiceError
 from bench.quality import Run, evaluate, train
 from bench.serve import create_classifiers, load
 
-HEADING = "Fine-tuning: frozen vs fine-tuned ({dataset}, {size} px)"
+HEADING = ("Fine-tuning: frozen vs fine-tuned ({dataset}, {size} px, views {views}, "
+           "η {learning_rate:g}, α {l2_sp:g})")
 
 
 def fine_tune_options(blocks: int, args: argparse.Namespace) -> dict:
-    return {"blocks": blocks, "max_epochs": args.epochs, "patience": args.patience}
+    return {"blocks": blocks, "max_epochs": args.epochs, "patience": args.patience,
+            "learning_rate": args.learning_rate, "l2_sp": args.l2_sp}
 
 
 def latency(client: common.Client, ids: dict[str, str], images: list[bytes], *, rounds: int,
@@ -125,8 +127,8 @@ def run_dataset(name: str, shared, weights: str, args: argparse.Namespace) -> st
          "best epoch", "relative shift (block.conv)", "d", "train wall s", "fine-tuning s",
          "predict p50, c=1"], rows)
     notes = [f"- options: augmentation views {args.views}; fine-tuning max_epochs {args.epochs}, "
-             f"patience {args.patience}, other fine-tuning options at their defaults "
-             "(l2_sp 0.01, learning_rate 1e-5); head \"auto\"."]
+             f"patience {args.patience}, learning_rate {args.learning_rate:g}, l2_sp "
+             f"{args.l2_sp:g}; head \"auto\"."]
     if throughput:
         notes.append(
             f"- 8 classifiers at concurrency 8, one image per request: frozen "
@@ -138,7 +140,9 @@ def run_dataset(name: str, shared, weights: str, args: argparse.Namespace) -> st
         notes.append("- throughput of 8 fine-tuned vs 8 frozen classifiers: not measured.")
     body = table + "\n\n" + "\n".join(notes)
     print(body)
-    return common.section(HEADING.format(dataset=split.description, size=size), body,
+    return common.section(HEADING.format(dataset=split.description, size=size, views=args.views,
+                                         learning_rate=args.learning_rate, l2_sp=args.l2_sp),
+                          body,
                           {"rounds": f"{args.rounds} × {args.seconds:g} s latency, "
                                      f"{args.throughput_seconds:g} s throughput"})
 
@@ -243,6 +247,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--views", type=int, default=4, help="augmented views per image")
     parser.add_argument("--epochs", type=int, default=10, help="fine-tuning max_epochs")
     parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=1e-5, help="fine-tuning η")
+    parser.add_argument("--l2-sp", type=float, default=0.01, help="fine-tuning α")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=20.0,
                         help="latency seconds per classifier and round (0: skip)")
