@@ -7,12 +7,11 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from models import calibration
 from service.app import create_app
 from service.config import Settings
-from tests.helpers import COLOURS, image_bytes, labelled_images, make_zip
+from tests.helpers import COLOURS, checkerboard, image_bytes, labelled_images, make_zip
 from tests.test_api import post_dataset, wait_ready, wait_status
 
 #: An exact head (L-BFGS) and 8 folds: with 8 images per label every fold holds one of each,
@@ -26,15 +25,6 @@ def trust_dataset() -> dict[str, bytes]:
     members["red/7.png"] = members["red/0.png"]            # a copy, in another fold
     members["blue/7.png"] = image_bytes(COLOURS["red"], seed=77)  # a red image filed as blue
     return members
-
-
-def checkerboard(size=32, square=4) -> bytes:
-    """Nothing like a noisy single-colour photo: black and white squares."""
-    y, x = np.indices((size, size)) // square
-    pixels = np.where(((x + y) % 2)[..., None] == 1, 255, 0).astype(np.uint8).repeat(3, axis=2)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")
