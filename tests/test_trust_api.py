@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 
 from models import calibration
-from service.app import create_app
-from service.config import Settings
 from tests.helpers import COLOURS, checkerboard, image_bytes, labelled_images, make_zip
-from tests.test_api import post_dataset, wait_ready, wait_status
+from tests.test_api import app, client, post_dataset, wait_status  # noqa: F401 (fixtures)
 
 #: An exact head (L-BFGS) and 8 folds: with 8 images per label every fold holds one of each,
 #: so the two copies of red/0.png are in different folds (deterministically across_split).
@@ -25,20 +23,6 @@ def trust_dataset() -> dict[str, bytes]:
     members["red/7.png"] = members["red/0.png"]            # a copy, in another fold
     members["blue/7.png"] = image_bytes(COLOURS["red"], seed=77)  # a red image filed as blue
     return members
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trust")
-    app = create_app(Settings(store=str(root / "store"), backbone_weights="random", image_size=32,
-                              weights_cache=root / "cache", max_predict_images=4))
-    wait_ready(app.test_client())
-    return app
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    return app.test_client()
 
 
 @pytest.fixture(scope="module")
@@ -197,13 +181,16 @@ def test_suggest_ranks_unlabeled_images_most_uncertain_first(client, classifier)
               "purple.png": image_bytes((120, 50, 120), seed=803),
               "deep/er/pinkish.png": image_bytes((170, 45, 90), seed=804),
               "batch/board.png": checkerboard(),
-              "notes.txt": b"not an image"}
+              "notes.txt": b"not an image",
+              # NB: more than one predict request's worth (8 in this app): scored in two parts
+              **{f"more/{i}.png": image_bytes(COLOURS["red" if i % 2 else "blue"], seed=810 + i)
+                 for i in range(5)}}
     response = client.post(f"/v1/classifiers/{classifier['id']}/suggest?limit=4",
                            content_type="multipart/form-data",
                            data={"dataset": (io.BytesIO(make_zip(images)), "unlabeled.zip")})
     assert response.status_code == 200, response.json
     body = response.json
-    assert body["method"] == "margin" and body["images"] == 5
+    assert body["method"] == "margin" and body["images"] == 10
     assert [item["path"] for item in body["skipped"]] == ["notes.txt"]
     ranked = body["suggestions"]
     assert len(ranked) == 4 and {entry["path"] for entry in ranked} <= set(images)
@@ -220,7 +207,7 @@ def test_suggest_ranks_unlabeled_images_most_uncertain_first(client, classifier)
     entropy = client.post(f"/v1/classifiers/{classifier['id']}/suggest?method=entropy",
                           content_type="multipart/form-data",
                           data={"dataset": (io.BytesIO(make_zip(images)), "unlabeled.zip")})
-    assert entropy.json["method"] == "entropy" and len(entropy.json["suggestions"]) == 5
+    assert entropy.json["method"] == "entropy" and len(entropy.json["suggestions"]) == 10
 
 
 def test_suggest_refuses_what_is_not_a_zip_of_images(client, classifier):
