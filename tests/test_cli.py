@@ -24,6 +24,7 @@ from tests.helpers import checkerboard, dataset_zip, labelled_images
 from tests.live import ADMIN_KEY, PREDICT_KEY, start_server
 
 HEADSTART = Path(sys.executable).parent / "headstart"
+ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {"max_epochs": 20, "augmentation": {"views": 1},
            "head": {"hidden_units": 0, "dropout": 0.1, "l2": 0.001}}
 
@@ -34,7 +35,8 @@ def headstart(*args: str, url: str, key: str | None = ADMIN_KEY, timeout: float 
     assert HEADSTART.exists(), f"{HEADSTART} is missing: `pip install -e .` installs the CLI"
     environment = {name: value for name, value in os.environ.items()
                    if not name.startswith("HEADSTART_")}
-    environment.update({"HEADSTART_URL": url, **env})
+    # NB: the console script may be installed from another checkout: import this one's code
+    environment.update({"HEADSTART_URL": url, "PYTHONPATH": str(ROOT), **env})
     if key:
         environment["HEADSTART_API_KEY"] = key
     return subprocess.run([str(HEADSTART), *args], capture_output=True, text=True,
