@@ -10,6 +10,7 @@ from typing import IO
 
 import numpy as np
 
+from models import trust, uncertainty
 from models.prediction import apply_head, rank
 from models.preprocessing import ImageDecodeError, load_image
 from service.errors import BadRequest, Conflict, ServiceUnavailable, Unprocessable
@@ -91,8 +92,6 @@ def predict(services: Services, record: ClassifierRecord, images: list[bytes],
 
     Decoding counts against `predict_timeout_s` as waiting for the backbone does.
     """
-    from models import trust  # NB: numpy only
-
     check_image_count(services, len(images))
     served, scored = _scored(services, record, images)
     services.metrics.predictions(len(images))
@@ -106,8 +105,6 @@ def _scored(services: Services, record: ClassifierRecord,
             images: list[bytes]) -> tuple[ServedHead, np.ndarray]:
     """The served head and `models.trust.score` of the images: float64 (n, k + 1), calibrated
     probabilities and the OOD score, computed in the backbone's shared passes."""
-    from models import trust
-
     timeout_s = services.settings.predict_timeout_s
     deadline = time.monotonic() + timeout_s
     size = services.backbone.get().image_size
@@ -148,8 +145,6 @@ def suggest(services: Services, record: ClassifierRecord, dataset: IO[bytes], li
     Raises:
         As `datasets.read_image_zip` (bad archive, too many images), and as predict.
     """
-    from models import uncertainty
-
     read = read_image_zip(dataset, services.dataset_limits,
                           max_images=services.settings.max_suggest_images)
     step = services.settings.max_predict_images
