@@ -6,6 +6,8 @@ small head chosen by cross-validation (the one-standard-error rule prefers the s
 heads that validation cannot tell apart). The backbone runs exactly once per (image, view);
 every candidate, fold and epoch trains on the cached feature vectors. No image is held out of
 the served head: it is refitted on all of them, and the validation metrics are out of fold.
+`assess` then fits the head's trust data (temperature, default threshold, OOD reference) on the
+out-of-fold scores and checks the dataset's health: once per trained head.
 """
 
 from __future__ import annotations
