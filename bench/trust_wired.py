@@ -15,7 +15,6 @@ bench/trust_features.py's cache (computed there when missing).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import common
-from bench.trust_features import OTHER, cached_features
+from bench.trust_features import OTHER, cached_features, parse_arguments
 
 
 def run_dataset(name: str, shared: Path, weights: str, cache: Path) -> str:
@@ -87,17 +86,10 @@ def run_dataset(name: str, shared: Path, weights: str, cache: Path) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.trust_wired",
-                                     description=__doc__.split("\n\n")[0])
-    common.add_common_arguments(parser)
-    parser.add_argument("--cache", default="/tmp/headstart-trust",
-                        help="feature cache directory (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.limit_per_label is not None or args.image_size is not None:
-        raise common.BenchError("bench.trust_wired runs full datasets at their own sizes only")
-    shared, weights = common.prepare(args)
+    args, shared, weights, cache = parse_arguments("python -m bench.trust_wired",
+                                                   __doc__.split("\n\n")[0], argv)
     for name in common.dataset_names(args.datasets):
-        text = run_dataset(name, shared, weights, Path(args.cache))
+        text = run_dataset(name, shared, weights, cache)
         print(text)
         if args.write:
             common.write_section(text.splitlines()[0][3:], text)
