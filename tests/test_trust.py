@@ -525,3 +525,22 @@ def test_assess_reports_copies_in_different_folds_as_across_split_with_their_pat
                         hashes=hashes).report["health"]
     assert kept["duplicates"][0]["across_split"] is False
     assert trust.assess(features, labels, ["a", "b"], out_of_fold, folds).report["health"] is None
+
+
+def test_the_head_file_holds_the_weights_and_the_trust_arrays_side_by_side():
+    from models.heads import build_head, load_head, serialize_weights, stored_arrays
+    from models.options import HeadOptions
+
+    spec = HeadOptions(hidden_units=0, dropout=0.0, l2=0.1)
+    head = build_head(spec, 8, 2)
+    head.get_layer("head_standardize").adapt(np.random.default_rng(0).random((16, 8)))
+    _, labels, features, _ = _two_prototypes(29, 10)
+    fitted = trust.fit_for_head(features, labels, np.full((10, 2), 0.5))
+    data = serialize_weights(head, trust.to_arrays(fitted))
+    restored = load_head(spec, 8, 2, data)
+    for saved, loaded in zip(head.get_weights(), restored.get_weights()):
+        np.testing.assert_array_equal(saved, loaded)
+    assert trust.from_arrays(stored_arrays(data, trust.PREFIX)).report() == fitted.report()
+    assert stored_arrays(serialize_weights(head), trust.PREFIX) == {}  # a head file from before
+    with pytest.raises(ValueError, match="arr_"):
+        serialize_weights(head, {"arr_0": np.zeros(1)})
