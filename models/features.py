@@ -107,7 +107,7 @@ def extract_features(images: Sequence[bytes], backbone: Backbone, *, views: int,
         A row from the cache is bit-identical to the row its first run computed.
     """
     if seed is None:
-        seed = int((rng or np.random.default_rng(0)).integers(2**31))
+        seed = int(rng.integers(2**31)) if rng is not None else 0
     size = backbone.image_size
     timings = timings if timings is not None else {}
     timings.setdefault("decode", 0.0)

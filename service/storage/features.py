@@ -130,6 +130,8 @@ class StoredFeatureCache:
                               None)
             else:
                 self._read = (*decode(stored[0]), stored[1])
+            keys, rows, _ = self._read
+            self.summary.update(stored=len(keys), bytes=keys.nbytes + rows.nbytes)
         return self._read
 
     def _merge(self, new_keys: np.ndarray, new_rows: np.ndarray, old_keys: np.ndarray,
