@@ -22,6 +22,7 @@ from models.options import AugmentationOptions, TrainingOptions
 from service.jobs.classifiers import create_classifier, delete_classifier
 from service.jobs.training import run_training_job
 from service.storage.archive import Dataset, DatasetImage
+from service.storage.blobs import StoreUnavailable
 from service.storage.features import KEY_BYTES, StoredFeatureCache, decode
 from tests.helpers import COLOURS, image_bytes, labelled_images, make_zip
 from tests.test_jobs import files, mark_training, services, with_settings  # noqa: F401
@@ -256,6 +257,23 @@ def test_a_cached_run_trains_the_same_head_as_an_uncached_one(watched):
     assert reports[1]["features"]["from_cache"] == 0
     assert reports[0]["validation"] == reports[1]["validation"]
     assert reports[0]["history"] == reports[1]["history"]
+
+
+def test_a_store_that_fails_the_cache_fails_only_the_cache(services):
+    classifier_id = create(services)
+
+    def unavailable(real, key, *args):
+        if key.endswith("/features.npz"):
+            raise StoreUnavailable("cannot read the store: Connection refused")
+        return real(key, *args)
+
+    services.store.blobs.around.update(get_versioned=unavailable, put_if=unavailable)
+    run_training_job(services, classifier_id)
+    record = services.store.load_record(classifier_id)
+    assert record.status == "ready"
+    features = json.loads(services.store.load_report(record))["features"]
+    assert features["computed"] == 8 * (1 + VIEWS) and features["stored"] == 0
+    assert "not stored" in features["note"] and "Connection refused" in features["note"]
 
 
 def test_deleting_a_classifier_removes_its_cache(services):
