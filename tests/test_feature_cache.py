@@ -8,6 +8,7 @@ tests/test_store.py (the object's compare-and-set).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Sequence
@@ -23,9 +24,11 @@ from service.jobs.classifiers import create_classifier, delete_classifier
 from service.jobs.training import run_training_job
 from service.storage.archive import Dataset, DatasetImage
 from service.storage.blobs import StoreUnavailable
+from service.storage.classifiers import ClassifierStore
 from service.storage.features import KEY_BYTES, StoredFeatureCache, decode
 from tests.helpers import COLOURS, image_bytes, labelled_images, make_zip
 from tests.test_jobs import files, mark_training, services, with_settings  # noqa: F401
+from tests.test_store import s3_client_for, s3_store, seaweed  # noqa: F401
 
 VIEWS = 2
 AUGMENTATION = AugmentationOptions(views=VIEWS)
@@ -231,6 +234,18 @@ def test_a_rerun_of_an_unchanged_dataset_runs_no_image_through_the_backbone(watc
     assert passed == 0
     assert features["from_cache"] == features["requested"] == 8 * (1 + VIEWS)
     assert features["computed"] == 0
+
+
+def test_on_s3_a_rerun_reads_the_cache_another_worker_wrote(watched, s3_store):
+    """SeaweedFS's S3: the first run stores the cache; a second run (any worker) reads it."""
+    on_s3 = dataclasses.replace(watched, store=ClassifierStore(s3_store))
+    classifier_id = create(on_s3)
+    run_training_job(on_s3, classifier_id)
+    assert on_s3.store.load_features(classifier_id) is not None
+    features, passed = rerun(on_s3, classifier_id)
+    assert passed == 0 and features["from_cache"] == features["requested"] == 8 * (1 + VIEWS)
+    delete_classifier(on_s3, classifier_id)
+    assert s3_store.list(f"classifiers/{classifier_id}") == []
 
 
 def test_a_rerun_with_added_images_runs_only_theirs(watched):
