@@ -11,6 +11,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,15 +25,19 @@ from models.augmentation import augment, augment_each, view_rng
 from models.backbone import FEATURE_DIM, counted_as
 from models.features import extract_features, image_hash, view_keys
 from models.options import AugmentationOptions, TrainingOptions
+from service.app import create_app
+from service.config import Settings
 from service.jobs.classifiers import create_classifier, delete_classifier
 from service.jobs.training import run_training_job
 from service.storage.archive import Dataset, DatasetImage
 from service.storage.blobs import StoreUnavailable
 from service.storage.classifiers import ClassifierStore
 from service.storage.features import KEY_BYTES, StoredFeatureCache, decode
-from tests.helpers import COLOURS, image_bytes, labelled_images, make_zip
+from tests.helpers import COLOURS, ROOT, image_bytes, labelled_images, make_zip
+from tests.test_api import post_dataset, wait_ready, wait_status
 from tests.test_jobs import files, mark_training, services, with_settings  # noqa: F401
 from tests.test_store import s3_client_for, s3_store, seaweed  # noqa: F401
+from tools.localservers import RedisServer, free_port, redis_server_program
 
 VIEWS = 2
 AUGMENTATION = AugmentationOptions(views=VIEWS)
@@ -300,6 +309,51 @@ def test_deleting_a_classifier_removes_its_cache(services):
 
 
 # ---------------------------------------------------------------- the metric
+
+def test_a_celery_worker_counts_its_own_training_passes_on_its_metrics_port(tmp_path):
+    """The API's /metrics counts what its process ran; a worker's training is on the worker's
+    HEADSTART_WORKER_METRICS_PORT."""
+    try:
+        redis_server_program()
+    except FileNotFoundError as error:
+        if os.environ.get("HEADSTART_TEST_REQUIRE_SERVERS"):
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+    redis_port, metrics_port = free_port(), free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HEADSTART_")}
+    env.update(HEADSTART_STORE=str(tmp_path / "store"),
+               HEADSTART_QUEUE=f"redis://127.0.0.1:{redis_port}/0",
+               HEADSTART_BACKBONE_WEIGHTS="random", HEADSTART_IMAGE_SIZE="32",
+               HEADSTART_WEIGHTS_CACHE=str(tmp_path / "cache"),
+               HEADSTART_WORKER_METRICS_PORT=str(metrics_port))
+    settings = Settings(store=env["HEADSTART_STORE"], queue=env["HEADSTART_QUEUE"],
+                        backbone_weights="random", image_size=32,
+                        weights_cache=tmp_path / "cache")
+    with RedisServer(redis_port, tmp_path / "redis"), \
+            open(tmp_path / "worker.log", "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "service.workers.worker"], cwd=ROOT,
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            client = create_app(settings).test_client()
+            wait_ready(client)
+            created = post_dataset(client, make_zip(labelled_images(4)),
+                                   OPTIONS.model_dump(mode="json", exclude_none=True))
+            assert created.status_code == 202, created.json
+            assert wait_status(client, created.json["id"], timeout=240)["status"] == "ready", \
+                (tmp_path / "worker.log").read_text()
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                on_worker = response.read().decode()
+            assert 'headstart_backbone_images_total{purpose="training"} 24.0' in on_worker
+            on_api = client.get("/metrics").data.decode()
+            assert 'headstart_backbone_images_total{purpose="training"} 0.0' in on_api
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+
 
 def test_predict_passes_count_as_predict_and_the_rest_as_training(services, backbone):
     services.metrics.watch_backbone(services.backbone.images_by_purpose)
