@@ -22,7 +22,7 @@ import numpy as np
 from models import fitting, health, trust
 from models.diagnosis import diagnose
 from models.evaluation import evaluate
-from models.features import extract_features
+from models.features import FeatureCache, extract_features
 from models.options import HeadOptions, TrainingConfig
 from models.progress import Cancelled, Progress, ProgressCallback, StopCheck
 from models.selection import Selection, cross_validate, mean_history
@@ -65,6 +65,7 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
                      backbone, config: TrainingConfig, *,
                      on_progress: ProgressCallback = lambda progress: None,
                      should_stop: StopCheck = lambda: False,
+                     cache: FeatureCache | None = None,
                      paths: Sequence[str] | None = None,
                      hashes: Sequence[str] | None = None) -> TrainingResult:
     """Trains a head for a labeled image set.
@@ -77,12 +78,14 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
         config: folds, augmentation, head candidates and optimisation settings.
         on_progress: called with a `Progress` per extraction batch and per epoch.
         should_stop: polled between batches and epochs; True raises `Cancelled`.
+        cache: feature rows of earlier runs (`features.FeatureCache`): the backbone runs only
+            for the (image, view) pairs it lacks, and they are added to it.
         paths: each image's archive path, for the report's "health" (default: "image {i}").
         hashes: each file's `health.content_hash` (default: computed here).
 
     Returns:
-        The refitted head, its trust data and the training report: "m" (images, all of them both trained on
-        and validated out of fold), "d", "d_over_m", "diagnosis", "head", "selection",
+        The refitted head, its trust data and the training report: "m" (images, all of them
+        both trained on and validated out of fold), "d", "d_over_m", "diagnosis", "head", "selection",
         "history" and "best_epoch" / "stopped_early" (of the chosen head's folds),
         "train_accuracy" (the refit on its own images), "validation" (out of fold) and
         "timings_s" (decode, features, selection, head = the refit, trust), and
@@ -97,10 +100,11 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
     on_progress(Progress("extracting", images_done=0, images_total=len(images)))
     features = extract_features(
         images, backbone, views=config.augmentation.views, augmentation=config.augmentation,
-        rng=np.random.default_rng(config.seed), batch_size=config.extract_batch_size,
+        seed=config.seed, batch_size=config.extract_batch_size,
         on_batch=lambda done: on_progress(Progress("extracting", images_done=done,
                                                    images_total=len(images))),
-        should_stop=should_stop, timings=timings, max_pixels=config.max_image_pixels)
+        should_stop=should_stop, timings=timings, max_pixels=config.max_image_pixels,
+        cache=cache)
     return train_on_features(features, labels, label_names, config, timings=timings,
                              on_progress=on_progress, should_stop=should_stop, paths=paths,
                              hashes=hashes)
