@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from models.augmentation import Augmentation, augment
+from models.augmentation import Augmentation, augment, augment_each, view_rng
 from models.backbone import Backbone, pool_features
 from models.progress import Cancelled  # NB: the one the job code catches
 
@@ -258,7 +258,9 @@ class ActivationCache:
 
 
 def cache_activations(images: Sequence[np.ndarray] | np.ndarray, backbone: Backbone, blocks: int,
-                      *, views: int, augmentation: Augmentation, rng: np.random.Generator,
+                      *, views: int, augmentation: Augmentation,
+                      rng: np.random.Generator | None = None, seed: int | None = None,
+                      hashes: Sequence[bytes] | None = None,
                       batch_size: int = 32, memory_budget_bytes: int = 2 * 1024**3,
                       on_batch: Callable[[int], None] = lambda done: None,
                       should_stop: Callable[[], bool] = lambda: False) -> ActivationCache:
@@ -267,6 +269,9 @@ def cache_activations(images: Sequence[np.ndarray] | np.ndarray, backbone: Backb
     Args:
         images: uint8 (n, size, size, 3) decoded images.
         views: augmented views per image besides the original (view 0).
+        rng: the views' randomness, drawn in order; or, with `seed` and `hashes` (each image's
+            `features.image_hash`), each view is `augmentation.view_rng(seed, hash, view)`'s,
+            the very views `features.extract_features` draws for the frozen stage.
         memory_budget_bytes: past this, the cache is a temporary memory-mapped file.
 
     Returns:
@@ -289,8 +294,13 @@ def cache_activations(images: Sequence[np.ndarray] | np.ndarray, backbone: Backb
         for view in range(1, 1 + views):
             if should_stop():
                 raise Cancelled()
-            cache.array[rows, view] = backbone.activations(augment(pixels, augmentation, rng),
-                                                           layer)
+            if hashes is None:
+                viewed = augment(pixels, augmentation, rng)
+            else:
+                viewed = augment_each(pixels, augmentation,
+                                      [view_rng(seed, hashes[i], view)
+                                       for i in range(start, start + len(pixels))])
+            cache.array[rows, view] = backbone.activations(viewed, layer)
         on_batch(start + len(pixels))
     return cache
 
@@ -455,7 +465,7 @@ def estimate_seconds(option, images: int, views: int, seconds_per_row: float, fo
 
 
 def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
-                    frozen, backbone: Backbone, config, *,
+                    frozen, backbone: Backbone, config, *, hashes: Sequence[bytes] | None = None,
                     on_progress: Callable = lambda progress: None,
                     should_stop: Callable[[], bool] = lambda: False):
     """The fine-tuning stage after a frozen head: decides, chooses, refits and reports.
@@ -478,6 +488,8 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
         frozen: the frozen stage's `models.training.TrainingResult` (its head, report, folds).
         backbone: the shared backbone (its conv weights are w⁰; it is not modified).
         config: `models.options.TrainingConfig` (fine_tune, augmentation, seed, budget).
+        hashes: each image's `features.image_hash`: the frozen stage's views exactly
+            (`augmentation.view_rng`); without them, views drawn in order from the seed.
         on_progress: called with `Progress("fine_tuning", …)` per cached batch and per epoch.
         should_stop: polled between batches; True raises `Cancelled`.
 
@@ -549,8 +561,8 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
                          candidate="caching activations"))
     cache = cache_activations(
         images, backbone, blocks, views=views, augmentation=config.augmentation,
-        rng=np.random.default_rng(config.seed), batch_size=config.extract_batch_size,
-        memory_budget_bytes=config.fine_tune_memory_bytes,
+        rng=np.random.default_rng(config.seed), seed=config.seed, hashes=hashes,
+        batch_size=config.extract_batch_size, memory_budget_bytes=config.fine_tune_memory_bytes,
         on_batch=lambda done: on_progress(Progress("fine_tuning", images_done=done,
                                                    images_total=total,
                                                    candidate="caching activations")),
@@ -646,6 +658,8 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
                          f"images ({gain:+.4f} ± {gain_se:.4f})")
     summary["validation"] = ("the chosen run's model trained without fold 0, on fold 0's "
                              "images; the served blocks and head are refitted on every image")
+    summary["trust"] = ("calibration, threshold and the out-of-distribution reference are the "
+                        "frozen stage's (fitted on its out-of-fold scores and features)")
     counts = {name: int((y_val == i).sum()) for i, name in enumerate(label_names)}
     fine_report = {
         **report,
@@ -664,8 +678,10 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
         "timings_s": {**timings, "fine_tuning": round(time.perf_counter() - started, 3),
                       "fine_tuning_cache": round(cached_s, 3)},
     }
-    return TrainingResult(spec, head, fine_report, frozen.selection, stage="fine_tuned",
-                          upper=upper.weights(), fine_tuned=fine_tuned)
+    # NB: the frozen stage's trust data (temperature, threshold, OOD reference), fitted on its
+    # out-of-fold scores and features: there are no out-of-fold fine-tuned scores to refit it on.
+    return TrainingResult(spec, head, fine_report, frozen.selection, trust=frozen.trust,
+                          stage="fine_tuned", upper=upper.weights(), fine_tuned=fine_tuned)
 
 
 def _features(upper: UpperBlocks, activations: np.ndarray, batch_size: int,

@@ -101,6 +101,20 @@ AUTO_FINE_TUNES: tuple[FineTuneOptions, ...] = (
     FineTuneOptions(blocks=1, l2_sp=0.1, learning_rate=1e-5),
     FineTuneOptions(blocks=1, l2_sp=0.01, learning_rate=1e-4),
 )
+class RejectOptions(Strict):
+    """When predict answers "not recognised" (`"label": null, "rejected": true`) instead of a
+    label. Scores are calibrated (temperature scaling on the out-of-fold scores) either way."""
+
+    target_precision: float | None = Field(
+        None, gt=0, le=1,
+        description="Choose the classifier's default threshold on its calibrated out-of-fold "
+                    "scores: the lowest top score at which the predictions that pass reach this "
+                    "precision; predictions below it are rejected (reason below_threshold). "
+                    "null: threshold 0 (only ?threshold= rejects by score)")
+    out_of_distribution: bool = Field(
+        True, description="Reject images unlike every training image (reason "
+                          "out_of_distribution): nearest-neighbour distance of their backbone "
+                          "features, thresholded to keep 97 % of in-distribution images")
 
 
 class TrainingOptions(Strict):
@@ -131,7 +145,14 @@ class TrainingOptions(Strict):
                             "(HEADSTART_FINE_TUNE_BUDGET_S: on a GPU most data sets fit, on a "
                             "small CPU only small ones), trying up to three tether strengths "
                             "and step sizes, and keeps the result only if its validation loss "
-                            "beats the frozen head's on the same images; or one fixed run")
+                            "beats the frozen head's on the same images by more than a "
+                            "standard error; or one fixed run")
+    reject: RejectOptions | Literal["off"] = Field(
+        default_factory=RejectOptions,
+        description='Rejection: {"target_precision": p} sets a default threshold for a '
+                    'precision, {"out_of_distribution": false} turns the out-of-distribution '
+                    'check off; "off" turns both off (scores stay calibrated, ?threshold= still '
+                    "applies). Default: no score threshold, out-of-distribution check on")
 
 
 class TrainingConfig(TrainingOptions):

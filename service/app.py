@@ -32,7 +32,7 @@ from service.jobs.export import export_builder
 from service.jobs.services import Services
 from service.metrics import Metrics
 from service.serving.backbone import BackboneHolder, batching_options, load_configured_backbone
-from service.serving.heads import HeadCache, load_served_head
+from service.serving.heads import HeadCache, ServedHead, load_served_head
 from service.storage.blobs import LocalBlobStore
 from service.storage.classifiers import ClassifierStore
 
@@ -59,13 +59,13 @@ def create_app(settings: Settings | None = None, *,
     store = open_store(settings)
     backbone = BackboneHolder(lambda: load_configured_backbone(settings),
                               on_error=on_backbone_error, batching=batching_options(settings))
-    heads = HeadCache(lambda record: load_served_head(store, backbone, record),
+    heads = HeadCache(lambda record: _load_head(store, backbone, record),
                       capacity=settings.head_cache_size, max_bytes=settings.head_cache_bytes)
     services = Services(settings=settings, store=store, backbone=backbone, heads=heads,
                         runner=open_runner(settings), metrics=Metrics())
-    services.metrics.watch(store, services.runner.depth, lambda: backbone.passes,
-                           lambda: backbone.queued_images,
+    services.metrics.watch(store, services.runner.depth, lambda: backbone.queued_images,
                            full_scan_s=settings.metrics_store_scan_s)
+    services.metrics.watch_backbone(backbone.images_by_purpose)
     app.extensions["headstart"] = services
     app.extensions["headstart.uploads"] = UploadLimiter(settings.max_concurrent_uploads)
     app.extensions["headstart.api_keys"] = api_keys
@@ -142,6 +142,12 @@ def _start_sweeper(services: Services) -> None:
                 log.exception("lost-job sweep failed")
 
     threading.Thread(target=sweep, name="lost-job-sweeper", daemon=True).start()
+
+
+def _load_head(store: ClassifierStore, backbone: BackboneHolder, record) -> ServedHead:
+    # NB: on the backbone of the classifier's precision: fine-tuned blocks are built on it.
+    return load_served_head(record, store.load_head(record),
+                            backbone.get(precision=record.features_precision))
 
 
 def _instrument(app: Flask, metrics: Metrics) -> None:

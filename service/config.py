@@ -66,12 +66,21 @@ class Settings(BaseSettings):
                                          "CPU one upload costs")
     max_labels: int = Field(1_000, ge=2, description="Most labels (top-level folders) in a dataset")
     max_predict_images: int = Field(64, gt=0, description="Most images in one predict request")
+    max_suggest_images: int = Field(
+        1_000, gt=0, description="Most images in one suggest request's zip (scored a predict "
+                                 "request's worth at a time)")
     max_predict_bytes: int = Field(
         64 * 1024**2, gt=0, description="Largest predict request body (its own limit, below "
                                         "max_upload_bytes)")
     max_feature_bytes: int = Field(
         8 * 1024**3, gt=0, description="Most memory a training run's cached features may take "
                                        "(images × views × feature size); larger uploads get 422")
+    feature_cache_bytes: int = Field(
+        1024**3, ge=0, le=4 * 1024**3,
+        description="Most bytes of backbone features kept per classifier for its next training "
+                    "runs (about 8 KiB per image and view); past it the newest are kept. 0: no "
+                    "feature cache. At most 4 GiB: the cache is one conditional S3 PutObject, "
+                    "whose limit is 5 GB")
     predict_max_batch: int = Field(
         32, ge=1, le=256, description="Most images in one shared backbone pass")
     predict_max_wait_ms: float = Field(

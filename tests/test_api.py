@@ -146,6 +146,7 @@ def test_top_k_limits_the_list(client, ready_classifier):
 
 def test_a_training_image_scores_the_same_over_http_as_in_process(app, client, ready_classifier):
     """The invariant: training and serving preprocess an image identically."""
+    from models import calibration
     from models.heads import HeadSpec, load_head
     from models.prediction import class_scores
     from models.preprocessing import load_image
@@ -160,7 +161,10 @@ def test_a_training_image_scores_the_same_over_http_as_in_process(app, client, r
     record = services.store.load_record(classifier_id)
     head = load_head(HeadSpec(**record.head.model_dump()), FEATURE_DIM, 2,
                      services.store.load_head(record))
-    expected = class_scores(backbone, head, load_image(image.data, 32)[None])[0]
+    raw = class_scores(backbone, head, load_image(image.data, 32)[None])
+    # NB: the service's scores are calibrated: the head's logits divided by its temperature
+    expected = calibration.softmax(calibration.logits_from_probabilities(raw),
+                                   services.heads.get(record).trust.temperature)[0]
     response = client.post(f"/v1/classifiers/{classifier_id}/predict",
                            data={"image": (io.BytesIO(image.data), "train.png")},
                            content_type="multipart/form-data")
@@ -451,7 +455,16 @@ def test_readyz_is_503_while_the_backbone_loads(tmp_path):
     assert create.status_code == 503 and create.mimetype == "application/problem+json"
 
 
+def backbone_images(client) -> dict[str, float]:
+    """headstart_backbone_images_total by purpose, from /metrics."""
+    prefix = 'headstart_backbone_images_total{purpose="'
+    return {line[len(prefix):].split('"')[0]: float(line.split()[-1])
+            for line in client.get("/metrics").data.decode().splitlines()
+            if line.startswith(prefix)}
+
+
 def test_metrics_count_requests_predictions_and_backbone_passes(client, ready_classifier):
+    before = backbone_images(client)
     client.post(f"/v1/classifiers/{ready_classifier['id']}/predict",
                 data={"image": (io.BytesIO(image_bytes()), "x.png")},
                 content_type="multipart/form-data")
@@ -460,8 +473,13 @@ def test_metrics_count_requests_predictions_and_backbone_passes(client, ready_cl
     assert "headstart_predict_queued_images 0.0" in text
     assert "headstart_predicted_images_total" in text
     assert 'headstart_classifiers{status="ready"}' in text
-    passes = [line for line in text.splitlines() if line.startswith("headstart_backbone_images_total")]
-    assert passes and float(passes[0].split()[-1]) > 0
+    after = backbone_images(client)
+    assert after["predict"] - before["predict"] == 1
+    # In-process training counts here too: every (image, view) of the new classifier.
+    features = client.get(f"/v1/classifiers/{ready_classifier['id']}/report").json["features"]
+    assert features["computed"] == features["requested"] == 20 * (1 + 1)
+    assert features["from_cache"] == 0
+    assert after["training"] >= features["computed"]
 
 
 def test_openapi_documents_every_route_from_the_pydantic_models(client):

@@ -74,6 +74,7 @@ def test_a_fine_tuned_classifier_trains_through_the_job_and_says_so(app, client,
 
 
 def test_http_prediction_equals_the_in_process_computation(app, client, classifiers):
+    from models import calibration
     from models.finetune import UpperBlocks
     from models.heads import HeadSpec, load_head
     from models.preprocessing import load_image
@@ -94,7 +95,9 @@ def test_http_prediction_equals_the_in_process_computation(app, client, classifi
             features = upper.predict_features(backbone.activations(pixels, "block4_pool"))
         else:
             features = backbone.features(pixels)
-        expected = np.asarray(head(features))
+        # NB: the service's scores are calibrated: the head's logits divided by its temperature
+        expected = calibration.softmax(calibration.logits_from_probabilities(
+            np.asarray(head(features))), services.heads.get(record).trust.temperature)
         np.testing.assert_allclose(predict(client, classifier["id"], images), expected,
                                    rtol=1e-5, atol=1e-6)
 

@@ -16,7 +16,6 @@ the model card, as JSON); nothing user-supplied is executed when an export is lo
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from pydantic import BaseModel
 
 from service.errors import Conflict, HeadstartError, NotFound, ServiceUnavailable
 from service.jobs.services import Services
+from service.serving.heads import load_served_head
 from service.storage.classifiers import PreconditionFailed
 from service.storage.records import ClassifierRecord, utc_now
 
@@ -247,27 +247,22 @@ def _record_failure(services: Services, classifier_id: str, run: str, export_for
 def write_export(services: Services, source: ExportSource, export_format: str,
                  target: IO[bytes]) -> None:
     """Writes the export zip of `source` into `target`."""
-    # NB: TensorFlow, on the builder thread after fork.
-    from models import export as export_lib
-    from models.heads import HeadSpec, load_head
-
     import numpy as np
 
-    from models.finetune import blocks_from_arrays
+    # NB: TensorFlow, on the builder thread after fork.
+    from models import export as export_lib
 
     record, store = source.record, services.store
     backbone = services.backbone.get(wait=True)
     report = json.loads(store.load_report(record))
-    data = store.load_head(record)
-    head = load_head(HeadSpec(**record.head.model_dump()), backbone.feature_dim,
-                     len(record.labels), data)
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        found = blocks_from_arrays(archive)  # a fine-tuned classifier's own blocks, or None
-    calibration = report.get("calibration") or getattr(record, "calibration", None)
-    temperature = calibration.get("temperature") if isinstance(calibration, dict) else None
-    model = export_lib.from_keras(backbone.model, head, backbone.image_size,
-                                  temperature=temperature,
-                                  own_blocks=found[1] if found else None)
+    served = load_served_head(record, store.load_head(record), backbone)
+    calibration = report.get("calibration")
+    # NB: the head file's temperature, not the report's (rounded): scores match the service's
+    temperature = served.trust.temperature if served.trust is not None else None
+    # a fine-tuned classifier's own blocks (stored float16, exact in float32), or the shared ones
+    own_blocks = served.upper.weights(np.float32) if served.upper is not None else None
+    model = export_lib.from_keras(backbone.model, served.head, backbone.image_size,
+                                  temperature=temperature, own_blocks=own_blocks)
     card = model_card(services, source, report, model, export_format, calibration)
     export_lib.write_archive(model, export_format, record.labels, card, target)
 
@@ -280,7 +275,7 @@ def model_card(services: Services, source: ExportSource, report: dict[str, Any],
     from models import export as export_lib
 
     record, backbone = source.record, services.backbone.get()
-    threshold = report.get("threshold", getattr(record, "threshold", None))
+    threshold = report.get("threshold")
     decodes = export_format == "savedmodel"
     return {
         "schema_version": 1,

@@ -15,7 +15,10 @@ from collections.abc import Callable
 import numpy as np
 
 from models import training
+from models import trust as trust_lib
+from models.health import content_hash
 from models.backbone import device_name
+from models.features import image_hash
 from models.finetune import block_arrays, fine_tune_stage
 from models.heads import serialize_weights
 from models.options import TrainingOptions
@@ -26,6 +29,7 @@ from service.jobs.runs import Stopped, TrainingRun
 from service.jobs.services import Services
 from service.storage.archive import Dataset
 from service.storage.classifiers import PreconditionFailed, Versioned
+from service.storage.features import StoredFeatureCache
 from service.storage.records import ACTIVE_STATUSES, ClassifierRecord, Lease, Progress, utc_now
 
 log = logging.getLogger(__name__)
@@ -60,9 +64,8 @@ def run_training_job(services: Services, classifier_id: str,
     with run.heartbeat():
         try:
             result = _train(services, run)
-            blocks = block_arrays(result.upper) if result.upper else None
-            run.commit(serialize_weights(result.head, blocks), _report(services, run, result),
-                       result.spec.as_dict(), fine_tuned=result.fine_tuned)
+            run.commit(head_file(result), _report(services, run, result), result.spec.as_dict(),
+                       fine_tuned=result.fine_tuned)
         except (training.Cancelled, Stopped):
             log.info("job %s: stopped: %s", classifier_id, run.stop_reason or "cancelled")
             services.metrics.job_event("cancelled")
@@ -130,13 +133,28 @@ def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
                              services.settings.fine_tune_budget_s)
     encoded = [image.data for image in dataset.images]
     labels = np.array([label_index[image.label] for image in dataset.images])
-    result = training.train_classifier(encoded, labels, record.labels, backbone, config,
-                                       on_progress=run.on_progress, should_stop=run.should_stop)
+    cache = StoredFeatureCache(services.store, record.id, services.settings.feature_cache_bytes)
+    result = training.train_classifier(
+        encoded, labels, record.labels, backbone, config,
+        on_progress=run.on_progress, should_stop=run.should_stop, cache=cache,
+        paths=[image.path for image in dataset.images],
+        hashes=[content_hash(data) for data in encoded])
+    result.report["features"] = cache.summary
     # NB: fine-tuning call site until staged training (branch `stages`) lists it as a stage;
     # it reports why it did not run, too ("off", no room, over budget).
     pixels = DecodedImages(encoded, backbone.image_size, max_pixels=config.max_image_pixels)
     return fine_tune_stage(pixels, labels, record.labels, result, backbone, config,
+                           hashes=[image_hash(data) for data in encoded],
                            on_progress=run.on_progress, should_stop=run.should_stop)
+
+
+def head_file(result: training.TrainingResult) -> bytes:
+    """The committed head's one stored file: its weights, its `trust.*` arrays and, when it
+    is fine-tuned, its own blocks as float16 `blocks.*` arrays."""
+    extra = trust_lib.to_arrays(result.trust) if result.trust is not None else {}
+    if result.upper:
+        extra.update(block_arrays(result.upper))
+    return serialize_weights(result.head, extra or None)
 
 
 def _report(services: Services, run: TrainingRun, result: training.TrainingResult) -> dict:

@@ -1,59 +1,96 @@
-"""The per-process LRU cache of loaded heads, bounded in count and in bytes.
+"""The per-process LRU cache of loaded heads, bounded in count and in bytes, and what it holds:
+a served head.
 
-A served head is the head model and, for a fine-tuned classifier, its own upper blocks (tens of
-megabytes, where a frozen head is tens of kilobytes): so the bound that matters is memory.
+A served head is the head model, its trust data and, for a fine-tuned classifier, its own upper
+blocks (tens of megabytes, where a frozen head is tens of kilobytes): so the bound that matters
+is memory.
 """
 
 from __future__ import annotations
 
-import io
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from service.storage.classifiers import ClassifierStore
 from service.storage.records import ClassifierRecord
+
+if TYPE_CHECKING:  # NB: no TensorFlow at import
+    import keras
+
+    from models.finetune import UpperBlocks
+    from models.trust import Trust
 
 
 @dataclass(frozen=True)
 class ServedHead:
-    """What predict needs of one committed head.
+    """What predict needs of one committed head, loaded from its one stored file.
 
     Attributes:
-        head: the Keras head (features → probabilities).
-        upper: a fine-tuned classifier's own blocks (`models.finetune.UpperBlocks`), or None.
-        nbytes: the memory its weights take.
+        head: the Keras head (features → softmax probabilities).
+        trust: calibration, default threshold and OOD detector; None for a head stored before
+            them (temperature 1, nothing rejected unless a request sets a threshold).
+        upper: a fine-tuned classifier's own blocks; None for a frozen one.
+        nbytes: the memory its weights take (float32), blocks included.
     """
 
-    head: object
-    upper: object | None = None
+    head: keras.Model
+    trust: Trust | None = None
+    upper: UpperBlocks | None = None
     nbytes: int = 0
 
 
+def load_served_head(record: ClassifierRecord, data: bytes, backbone) -> ServedHead:
+    """A record's committed head from its stored file (`ClassifierStore.load_head`): the
+    fine-tuned blocks (`blocks.*`) are rebuilt on `backbone` (`models.backbone.Backbone`, of
+    the precision the classifier was trained in)."""
+    import io
+
+    import numpy as np
+
+    from models import trust  # NB: Keras (models.heads), after fork
+    from models.finetune import load_upper
+    from models.heads import HeadSpec, load_head, stored_arrays, trainable_parameters
+
+    head = load_head(HeadSpec(**record.head.model_dump()), backbone.feature_dim,
+                     len(record.labels), data)
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        upper = load_upper(archive, backbone)
+    nbytes = 4 * (trainable_parameters(head) + (upper.parameters() if upper else 0))
+    return ServedHead(head, trust.from_arrays(stored_arrays(data, trust.PREFIX)), upper, nbytes)
+
+
 class HeadCache:
-    """Least-recently-used served heads, keyed by classifier id and the record's committed run
-    (not its update time, which every progress write changes)."""
+    """Least-recently-used served heads, keyed by classifier id and the committed run (not the
+    record's update time, which every progress write of a later training run changes), at
+    most `capacity` of them and `max_bytes` of their weights."""
 
     def __init__(self, load: Callable[[ClassifierRecord], ServedHead], capacity: int,
                  max_bytes: int | None = None):
         self._load = load
         self._capacity = capacity
         self._max_bytes = max_bytes
-        self._heads: OrderedDict[str, tuple[str | None, ServedHead]] = OrderedDict()
+        self._heads: OrderedDict[str, tuple[Any, ServedHead]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
+    @staticmethod
+    def key(record: ClassifierRecord) -> Any:
+        """What identifies the committed head of a record."""
+        return record.run
+
     def get(self, record: ClassifierRecord) -> ServedHead:
+        key = self.key(record)
         with self._lock:
             cached = self._heads.get(record.id)
-            if cached and cached[0] == record.run:
+            if cached and cached[0] == key:
                 self._heads.move_to_end(record.id)
                 return cached[1]
         served = self._load(record)  # outside the lock: a slow store read blocks no other head
         with self._lock:
             self._drop(record.id)
-            self._heads[record.id] = (record.run, served)
+            self._heads[record.id] = (key, served)
             self._bytes += getattr(served, "nbytes", 0)
             # NB: the newest head stays even if it alone is over the bound: it is being served.
             while len(self._heads) > 1 and (
@@ -78,23 +115,3 @@ class HeadCache:
 
     def __len__(self) -> int:
         return len(self._heads)
-
-
-def load_served_head(store: ClassifierStore, backbone, record: ClassifierRecord) -> ServedHead:
-    """The committed head of `record` (its `heads/{run}.npz`) and, when it is fine-tuned (the
-    file holds `blocks.*` arrays), its own upper blocks on the backbone of the precision it was
-    trained in (`backbone`: the `BackboneHolder`)."""
-    import numpy as np  # NB: Keras and TensorFlow below, after fork
-
-    from models.finetune import load_upper
-    from models.heads import HeadSpec, load_head, trainable_parameters
-
-    data = store.load_head(record)
-    computing = backbone.get(precision=record.features_precision)
-    head = load_head(HeadSpec(**record.head.model_dump()), computing.feature_dim,
-                     len(record.labels), data)
-    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        upper = load_upper(archive, computing)
-    # float32 in memory: the head's weights, and the blocks' (stored as float16)
-    nbytes = 4 * (trainable_parameters(head) + (upper.parameters() if upper else 0))
-    return ServedHead(head, upper, nbytes)

@@ -109,6 +109,9 @@ class ClassifierRecord(Stored):
         None, description="The committed head's fine-tuned blocks: blocks, l2_sp, learning_rate, "
                           "relative_shift; None when the blocks are the shared frozen ones")
     training_seconds: float | None = None
+    threshold: float | None = Field(
+        None, description="The committed head's default rejection threshold (None: stored "
+                          "before trust data existed, or not ready)")
 
     @property
     def features_precision(self) -> str:
