@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Strict(BaseModel):
@@ -143,6 +143,15 @@ class TrainingConfig(TrainingOptions):
     candidates: tuple[HeadCandidate, ...] = Field(AUTO_CANDIDATES, min_length=1)
     extract_batch_size: int = Field(32, ge=1)
     max_image_pixels: int = Field(40_000_000, gt=0)
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _plain_heads_train_on_augmented_rows(cls, value):
+        """A plain `HeadOptions` among the candidates is that head on augmented rows."""
+        if isinstance(value, (list, tuple)):
+            return tuple(HeadCandidate(head=v) if isinstance(v, HeadOptions) else v
+                         for v in value)
+        return value
 
     @classmethod
     def of(cls, options: TrainingOptions, **overrides) -> TrainingConfig:

@@ -417,6 +417,10 @@ def test_a_config_of_options_keeps_every_option_and_the_grid():
     assert config.heads == (HeadCandidate(head=HeadOptions(hidden_units=8, dropout=0.1, l2=0.5)),)
     assert TrainingConfig.of(TrainingOptions()).heads == AUTO_CANDIDATES
     assert [c.head for c in AUTO_CANDIDATES if c.trained_on == "augmented"] == list(AUTO_HEADS)
+    # A plain head given as a candidate trains on augmented rows.
+    assert TrainingConfig(candidates=(LINEAR,)).candidates == (HeadCandidate(head=LINEAR),)
+    with pytest.raises(ValidationError):
+        HeadCandidate(head=LINEAR, trained_on="augmented views")
 
 
 def test_options_and_the_rules_import_without_tensorflow():
