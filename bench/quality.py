@@ -99,6 +99,7 @@ def train_in_process(split: Split, run: Run, backbone, cache_dir: Path):
     its correct test images. Returns (the cached features, the decoded data)."""
     from bench import cache as cache_lib
     from bench.train_speed import read_data
+    from models.backbone import device_name
     from models.options import TrainingOptions
     from models.prediction import apply_head
     from models.training import TrainingConfig, train_on_features
@@ -111,8 +112,9 @@ def train_in_process(split: Split, run: Run, backbone, cache_dir: Path):
                                timings=dict(features.timings))
     run.wall_s = time.perf_counter() - started
     run.status = "ready"
-    run.report = {**result.report, "backbone": features.backbone,
-                  "features": "cached" if features.cached else "computed in this run"}
+    run.report = {**result.report, "backbone": features.backbone, "device": device_name(),
+                  "features": ("read from the cache (timings: when they were extracted)"
+                               if features.cached else "extracted in this run")}
     predicted = apply_head(result.head, features.test).argmax(axis=1)
     run.test_correct = int((predicted == data.test_labels).sum())
     run.test_total = len(data.test_labels)
@@ -347,8 +349,8 @@ def main(argv=None) -> None:
                 backbone = runs[0].report.get("backbone", {})
                 extra["how"] = (
                     "in process (`--cache-dir`): backbone features extracted once by "
-                    "`models.features.extract_features` as a training job does and cached "
-                    f"({runs[0].report.get('features')}), then `train_on_features`, then the "
+                    "`models.features.extract_features` as a training job does, "
+                    f"{runs[0].report.get('features')}; then `train_on_features`, then the "
                     "test images' cached view-0 features through the refitted head; precision "
                     f"{backbone.get('precision')} ({backbone.get('precision_reason')})")
             if base:
