@@ -1,21 +1,23 @@
-"""Cached training features for the in-process quality runs (`bench.quality --cache-dir`).
+"""Cached features for the in-process quality runs (`bench.quality --cache-dir`,
+`bench.selection_study`).
 
-The backbone runs once per (dataset, image size, augmentation, seed, weights, precision): the
-training images through `models.features.extract_features` exactly as a training job runs it
-(same rng, views and batch size, so the same features the service would compute), the test
-images on their un-augmented view as serving computes them. Everything after the backbone is
-then the product's own code (`models.training.train_on_features`), rerun in seconds.
+The training images go through `models.features.extract_features` exactly as a training job
+calls it (same seed, views and augmentation), the test images on their un-augmented view as
+serving computes them, with a `models.features.FeatureCache` kept in one file per directory:
+the product's own row keys (image bytes, view, seed, augmentation, backbone fingerprint, image
+size, precision) decide what is reused, so a changed setting computes new rows and never reads
+stale ones. Everything after the backbone is then the product's own code
+(`models.training.train_on_features`), rerun in seconds.
 
 This module imports TensorFlow.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +25,30 @@ import numpy as np
 
 from bench.train_speed import Data
 
-#: Test images per backbone pass.
-TEST_BATCH = 32
+
+class FileFeatureCache:
+    """A `models.features.FeatureCache` in one .npz file (rows by hex key), rewritten
+    atomically after each `put`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[str, np.ndarray] = {}
+        self.computed = 0  # rows put by this process
+        if path.is_file():
+            with np.load(path) as archive:
+                self.rows = {key: archive[key] for key in archive.files}
+
+    def get(self, keys: Sequence[bytes]) -> dict[bytes, np.ndarray]:
+        return {key: self.rows[key.hex()] for key in keys if key.hex() in self.rows}
+
+    def put(self, keys: Sequence[bytes], rows: np.ndarray) -> None:
+        for key, row in zip(keys, rows):
+            self.rows[key.hex()] = np.asarray(row, np.float32)
+        self.computed += len(keys)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp.npz")
+        np.savez(temporary, **self.rows)
+        os.replace(temporary, self.path)
 
 
 @dataclass
@@ -35,62 +59,32 @@ class CachedFeatures:
         train: float32 (n, 1 + views, feature_dim), view 0 un-augmented.
         test: float32 (n_test, feature_dim), un-augmented.
         backbone: the backbone's identity (as the report shows it).
-        timings: seconds the backbone took ("decode", "features") when they were computed.
-        cached: whether they were read from the cache.
+        timings: seconds of this call's decoding and backbone passes.
+        computed: (image, view) rows this call ran the backbone for (0: all from the cache).
     """
 
     train: np.ndarray
     test: np.ndarray
     backbone: dict
     timings: dict
-    cached: bool
-
-
-def cache_key(name: str, data: Data, image_size: int, config, identity: dict) -> str:
-    """What the features depend on, hashed: the images' bytes, their order and labels, the
-    image size, the augmentation, views, seed and extraction batch (the rng's draws follow the
-    batches), the weights fingerprint and the precision."""
-    digest = hashlib.sha256()
-    for content in (*data.train_bytes, *data.test_bytes):
-        digest.update(hashlib.sha256(content).digest())
-    described = {"dataset": name, "image_size": image_size,
-                 "labels": [int(label) for label in data.train_labels],
-                 "augmentation": config.augmentation.model_dump(), "seed": config.seed,
-                 "extract_batch_size": config.extract_batch_size,
-                 "fingerprint": identity["fingerprint"], "precision": identity["precision"]}
-    digest.update(json.dumps(described, sort_keys=True).encode())
-    return digest.hexdigest()[:24]
+    computed: int
 
 
 def load_or_extract(name: str, data: Data, backbone, config, directory: Path) -> CachedFeatures:
-    """The split's features from `directory`, or computed (and stored there) once."""
+    """The split's features, from the cache in `directory` where it holds them."""
     from models.features import extract_features
-    from models.preprocessing import load_image
 
     identity = backbone.identity.as_dict()
-    key = cache_key(name, data, backbone.image_size, config, identity)
-    views = config.augmentation.views
-    path = directory / f"{name}-{backbone.image_size}px-views{views}-{identity['precision']}-{key}.npz"
-    if path.is_file():
-        with np.load(path) as archive:
-            timings = json.loads(str(archive["timings"]))
-            print(f"[{name}] features from the cache {path}", file=sys.stderr)
-            return CachedFeatures(archive["train"], archive["test"], identity, timings, True)
+    cache = FileFeatureCache(directory / f"features-{identity['fingerprint'][:16]}-"
+                                         f"{backbone.image_size}px-{identity['precision']}.npz")
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    train = extract_features(data.train_bytes, backbone, views=views,
-                             augmentation=config.augmentation,
-                             rng=np.random.default_rng(config.seed),
-                             batch_size=config.extract_batch_size, timings=timings,
-                             max_pixels=config.max_image_pixels)
-    test = np.concatenate([
-        backbone.features(np.stack([load_image(content, backbone.image_size)
-                                    for content in data.test_bytes[i:i + TEST_BATCH]]))
-        for i in range(0, len(data.test_bytes), TEST_BATCH)])
-    print(f"[{name}] features computed in {time.perf_counter() - started:.1f} s, "
-          f"stored in {path}", file=sys.stderr)
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(temporary, train=train, test=test, timings=json.dumps(timings))
-    os.replace(temporary, path)
-    return CachedFeatures(train, test, identity, timings, False)
+    common = {"augmentation": config.augmentation, "seed": config.seed,
+              "batch_size": config.extract_batch_size, "timings": timings,
+              "max_pixels": config.max_image_pixels, "cache": cache}
+    train = extract_features(data.train_bytes, backbone, views=config.augmentation.views,
+                             **common)
+    test = extract_features(data.test_bytes, backbone, views=0, **common)[:, 0]
+    print(f"[{name}] features: {cache.computed} (image, view) rows computed in "
+          f"{time.perf_counter() - started:.1f} s, the others from {cache.path}", file=sys.stderr)
+    return CachedFeatures(train, test, identity, timings, cache.computed)

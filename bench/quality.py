@@ -12,8 +12,7 @@ difference in test accuracy.
     python -m bench.quality --weights random --image-size 32 --limit-per-label 4 --datasets hymenoptera
 
 With `--cache-dir DIR` the classifier is trained in this process instead, on features cached in
-DIR (`bench.cache`: the backbone runs once per dataset, size, augmentation, seed, weights and
-precision): `models.training.train_on_features`, the service's own path after the backbone,
+DIR (`bench.cache`: the backbone runs once per (image, view), under the product's feature keys): `models.training.train_on_features`, the service's own path after the backbone,
 then the test images' cached features through the refitted head. The probe then runs on the
 very same features (view 0), so the comparison is paired.
 
@@ -113,8 +112,9 @@ def train_in_process(split: Split, run: Run, backbone, cache_dir: Path):
     run.wall_s = time.perf_counter() - started
     run.status = "ready"
     run.report = {**result.report, "backbone": features.backbone, "device": device_name(),
-                  "features": ("read from the cache (timings: when they were extracted)"
-                               if features.cached else "extracted in this run")}
+                  "features": (f"{features.computed} (image, view) rows computed in this run, "
+                               "the others read from the cache" if features.computed else
+                               "every row read from the cache")}
     predicted = apply_head(result.head, features.test).argmax(axis=1)
     run.test_correct = int((predicted == data.test_labels).sum())
     run.test_total = len(data.test_labels)

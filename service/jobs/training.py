@@ -25,6 +25,7 @@ from service.jobs.runs import Stopped, TrainingRun
 from service.jobs.services import Services
 from service.storage.archive import Dataset
 from service.storage.classifiers import PreconditionFailed, Versioned
+from service.storage.features import StoredFeatureCache
 from service.storage.records import ACTIVE_STATUSES, ClassifierRecord, Lease, Progress, utc_now
 
 log = logging.getLogger(__name__)
@@ -122,12 +123,15 @@ def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
     backbone = services.backbone.get(wait=True, precision=record.features_precision)
     _check_same_backbone(record, backbone.identity.as_dict())
     label_index = {label: i for i, label in enumerate(record.labels)}
-    return training.train_classifier(
+    cache = StoredFeatureCache(services.store, record.id, services.settings.feature_cache_bytes)
+    result = training.train_classifier(
         [image.data for image in dataset.images],
         np.array([label_index[image.label] for image in dataset.images]),
         record.labels, backbone,
         training_config(record.options, services.settings.max_image_pixels),
-        on_progress=run.on_progress, should_stop=run.should_stop)
+        on_progress=run.on_progress, should_stop=run.should_stop, cache=cache)
+    result.report["features"] = cache.summary
+    return result
 
 
 def _report(services: Services, run: TrainingRun, result: training.TrainingResult) -> dict:
