@@ -15,6 +15,8 @@ from collections.abc import Callable
 import numpy as np
 
 from models import training
+from models import trust as trust_lib
+from models.health import content_hash
 from models.backbone import device_name
 from models.heads import serialize_weights
 from models.options import TrainingOptions
@@ -58,8 +60,7 @@ def run_training_job(services: Services, classifier_id: str,
     with run.heartbeat():
         try:
             result = _train(services, run)
-            run.commit(serialize_weights(result.head), _report(services, run, result),
-                       result.spec.as_dict())
+            run.commit(head_file(result), _report(services, run, result), result.spec.as_dict())
         except (training.Cancelled, Stopped):
             log.info("job %s: stopped: %s", classifier_id, run.stop_reason or "cancelled")
             services.metrics.job_event("cancelled")
@@ -129,9 +130,17 @@ def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
         np.array([label_index[image.label] for image in dataset.images]),
         record.labels, backbone,
         training_config(record.options, services.settings.max_image_pixels),
-        on_progress=run.on_progress, should_stop=run.should_stop, cache=cache)
+        on_progress=run.on_progress, should_stop=run.should_stop, cache=cache,
+        paths=[image.path for image in dataset.images],
+        hashes=[content_hash(image.data) for image in dataset.images])
     result.report["features"] = cache.summary
     return result
+
+
+def head_file(result: training.TrainingResult) -> bytes:
+    """The committed head's one stored file: its weights and its `trust.*` arrays."""
+    extra = trust_lib.to_arrays(result.trust) if result.trust is not None else None
+    return serialize_weights(result.head, extra)
 
 
 def _report(services: Services, run: TrainingRun, result: training.TrainingResult) -> dict:

@@ -106,6 +106,9 @@ class ClassifierRecord(Stored):
     run: str | None = Field(None, description="The training run whose head and report are current")
     head: HeadOptions | None = None
     training_seconds: float | None = None
+    threshold: float | None = Field(
+        None, description="The committed head's default rejection threshold (None: stored "
+                          "before trust data existed, or not ready)")
 
     @property
     def features_precision(self) -> str:
