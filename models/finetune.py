@@ -503,7 +503,7 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
     from models import fitting
     from models.diagnosis import fine_tuning_notes
     from models.evaluation import evaluate
-    from models.selection import LOSS_RESOLUTION
+    from models.selection import LOSS_RESOLUTION, training_rows
     from models.options import FineTuneOptions
     from models.progress import Progress
     from models.training import TrainingResult
@@ -576,15 +576,18 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
         val, y_val = np.asarray(cache.array[held, 0]), labels[held]
         train, y_train = flat[train_mask], y_rows[train_mask]
 
-        # The warm start on the split: the frozen head's spec refitted on fold ≠ 0, on the
-        # features the pretrained upper blocks give from the same cached activations.
+        # The warm start on the split: the frozen head's spec refitted on fold ≠ 0 (on the rows
+        # it was chosen with: every view, or the originals only), on the features the
+        # pretrained upper blocks give from the same cached activations.
         shared = _shared_upper(backbone, blocks, cache.array.shape[2:])
         features = _features(shared, flat, config.extract_batch_size, should_stop)
+        features = features.reshape(len(labels), 1 + views, -1)
         num_classes = len(label_names)
-        spec = frozen.spec
-        warm = fitting.fit_head(spec, fitting.Fold(features[train_mask], y_train), num_classes,
-                                config, epochs=frozen.selection.result.best_epochs[0],
-                                build=True, should_stop=should_stop).model
+        spec, chosen = frozen.spec, frozen.selection.result
+        rows = training_rows(chosen.candidate, features[~held], labels[~held])
+        warm = fitting.fit_head(spec, fitting.Fold(*rows), num_classes, config,
+                                epochs=chosen.best_epochs[0], build=True,
+                                should_stop=should_stop).model
         frozen_losses = _image_losses(frozen.selection.result.out_of_fold[held], y_val)
         frozen_loss = float(frozen_losses.mean())
 
