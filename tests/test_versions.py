@@ -14,6 +14,7 @@ from service.config import Settings
 from service.storage.classifiers import job_id, parse_job_id
 from tests.helpers import COLOURS, image_bytes, labelled_images, make_zip
 from tests.test_api import FAST_OPTIONS, post_dataset, wait_ready, wait_status
+from tests.test_jobs import services  # noqa: F401  (a fixture: services over a local store)
 from tests.test_records import RECORD_BEFORE_SCHEMA_VERSION
 
 
@@ -297,16 +298,54 @@ def test_the_comparison_counts_unknown_labels_as_the_old_versions_errors():
         compare(new, old[:2], truth, ["b", "g", "r"], ["b", "r"])
 
 
-def test_a_version_event_says_production_moved_and_only_then():
+def test_a_version_event_names_production_first_and_when_it_moves():
     from service.jobs.events import changes
 
     resource = {"id": "clf_00abcdefghijklmnopqr", "status": "ready", "updated_at":
                 "2026-12-01T10:00:00+00:00", "version": 1, "versions": 2,
                 "aliases": {"production": 1}, "progress": None}
     sent, cursor, finished = changes(resource, None, resource["id"])
-    assert [event.kind for event in sent] == ["status", "done"] and sent[0].data["version"] == 1
+    assert [event.kind for event in sent] == ["status", "version", "done"]
     moved = {**resource, "version": 2, "aliases": {"production": 2},
              "updated_at": "2026-12-01T10:01:00+00:00"}
     sent, _, _ = changes(moved, cursor, resource["id"])
     assert [(event.kind, event.data.get("version")) for event in sent] == [("version", 2)]
     assert sent[0].data["aliases"] == {"production": 2}
+
+
+# ---------------------------------------------------------------- a version's job, without HTTP
+
+
+def test_a_version_job_is_requeued_by_its_job_id_and_runs_by_it(services):
+    """The sweep finds a version's lost job in the `active/` index and queues its job id again;
+    a delivery of that id claims and trains that version, not version 1."""
+    from datetime import timedelta
+
+    from models.options import VersionOptions
+    from service.jobs import recovery, versions
+    from service.jobs.training import run_training_job
+    from service.storage.records import Lease, utc_now
+    from tests.test_jobs import create
+
+    classifier_id = create(services)
+    run_training_job(services, classifier_id)
+    record = versions.add_version(services, classifier_id,
+                                  io.BytesIO(make_zip(more_images(0, 2))),
+                                  VersionOptions(promote="always"))
+    job = f"{classifier_id}.v2"
+    assert services.runner.submitted[-1] == job and services.store.active_ids() == [job]
+    current = services.store.load_job(job)
+    lost = current.record.model_copy(deep=True)
+    lost.status, lost.attempts = "training", 1
+    lost.lease = Lease(owner="gone:1:1", heartbeat_at=utc_now() - timedelta(seconds=60))
+    services.store.save_record(lost, current.tag)
+    recovery.sweep(services)
+    assert services.runner.submitted[-1] == job
+    assert services.store.load_record(classifier_id, 2).status == "queued"
+
+    run_training_job(services, job)
+    trained = services.store.load_record(classifier_id, 2)
+    assert (trained.status, trained.attempts, trained.version) == ("ready", 2, record.version)
+    assert services.store.load_record(classifier_id).run != trained.run  # version 1 untouched
+    assert services.store.active_ids() == []
+    assert services.store.load_versions(classifier_id)[0].production == 2

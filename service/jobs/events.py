@@ -7,7 +7,7 @@ from the store, so a stream works behind any API replica, and so does its resump
 Events, in the order they are sent for one reading of the record:
 
     status    the status changed (and the first event of a stream): the resource's key fields
-    version   the served version changed since the stream began (production moved)
+    version   the served version changed (only for records that have versions)
     epoch     one learning-curve row of the fit now running, each row once
     progress  the progress changed: stage, images done and total, epoch, and the last row's metrics
     done      the classifier is finished (ready with nothing left to train, failed, cancelled) or
@@ -126,10 +126,8 @@ def changes(record: dict[str, Any] | None, cursor: Cursor | None,
         return sent, state, True
     status, version = record["status"], record.get("version")
     if cursor is None or status != cursor.status:
-        # NB: a new stream's status event carries the version: `version` events are changes
-        first = {"version": version} if cursor is None else {}
         send("status", {name: record[name] for name in STATUS_FIELDS if name in record},
-             status=status, **first)
+             status=status)
     if version is not None and version != state.version:
         send("version", {name: record.get(name) for name in ("version", "versions", "aliases")},
              version=version)
