@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from models.promotion import compare
-from service.app import create_app
-from service.config import Settings
 from service.storage.classifiers import job_id, parse_job_id
 from tests.helpers import COLOURS, image_bytes, labelled_images, make_zip
-from tests.test_api import FAST_OPTIONS, post_dataset, wait_ready, wait_status
+# NB: app and client are test_api's fixtures (a module's own instance: its own store)
+from tests.test_api import FAST_OPTIONS, app, client, post_dataset, wait_status  # noqa: F401
 from tests.test_jobs import services  # noqa: F401  (a fixture: services over a local store)
 from tests.test_records import RECORD_BEFORE_SCHEMA_VERSION
 
@@ -57,20 +56,6 @@ def predict(client, classifier_id, query=""):
 def alias(client, classifier_id, name, version):
     return client.put(f"/v1/classifiers/{classifier_id}/aliases/{name}",
                       json={"version": version})
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    root = tmp_path_factory.mktemp("versions")
-    app = create_app(Settings(store=str(root / "store"), backbone_weights="random", image_size=32,
-                              weights_cache=root / "cache"))
-    wait_ready(app.test_client())
-    return app
-
-
-@pytest.fixture(scope="module")
-def client(app):
-    return app.test_client()
 
 
 @pytest.fixture(scope="module")
