@@ -169,7 +169,10 @@ def test_add_a_version_list_versions_alias_and_predict_by_version(server, create
     added = headstart("add", classifier_id, str(more), "--wait", "--options",
                       json.dumps({"promote": "never"}), url=server.url)
     assert added.returncode == 0, added.stderr
-    assert "version  2" in added.stdout and "not taken: promote: never" in added.stdout
+    shown = dict(line.split(None, 1) for line in added.stdout.splitlines())
+    assert (shown["version"], shown["status"], shown["aliases"]) == ("2", "ready", "-")
+    assert shown["production"] == "not taken: promote: never"
+    assert shown["images"] == "44 (blue 20, green 4, red 20)"
     listed = headstart("versions", classifier_id, url=server.url, key=PREDICT_KEY)
     assert listed.returncode == 0, listed.stderr
     rows = [line.split() for line in listed.stdout.splitlines()[1:]]
