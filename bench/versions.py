@@ -1,5 +1,6 @@
 """Versions at real size: a classifier from 100 images per label of hymenoptera, then a version
-with 50 more per label; how many images each run sent through the backbone (the service's
+with 50 more per label (train has 121-124 a label, so the last come from val; the rest of val
+tests); how many images each run sent through the backbone (the service's
 `headstart_backbone_images_total`, read from /metrics before and after each run: training is
 in the API process with HEADSTART_QUEUE=local, so the counter sees it), its time, validation
 accuracy, test accuracy on hymenoptera `val`, and whether the version took production.
@@ -68,17 +69,17 @@ def main() -> None:
     shared, weights = common.prepare(args)
     split = common.hymenoptera_split(shared)
     image_size = args.image_size or split.image_size
-    by_label: dict[str, list] = {}
-    for label, path in split.train:
-        by_label.setdefault(label, []).append((label, path))
-    if any(len(files) < args.first + args.added for files in by_label.values()):
-        raise BenchError(f"hymenoptera train has fewer than {args.first + args.added} images "
-                         "in a label")
-    first = [e for files in by_label.values() for e in files[:args.first]]
-    added = [e for files in by_label.values() for e in files[args.first:args.first + args.added]]
-    test = split.test if args.limit_per_label is None else \
-        [e for label in by_label for e in [x for x in split.test if x[0] == label]
-         [:args.limit_per_label]]
+    # NB: hymenoptera's train holds 124 ants and 121 bees: per label, the images are train's
+    # then val's (sorted), version 1 takes the first, version 2 adds the next, the rest test.
+    pools: dict[str, list] = {}
+    for label, path in [*split.train, *sorted(split.test, key=lambda e: (e[0], e[1].name))]:
+        pools.setdefault(label, []).append((label, path))
+    need = args.first + args.added
+    if any(len(pool) <= need for pool in pools.values()):
+        raise BenchError(f"hymenoptera has at most {need} images in a label: nothing to test")
+    first = [e for pool in pools.values() for e in pool[:args.first]]
+    added = [e for pool in pools.values() for e in pool[args.first:need]]
+    test = [e for pool in pools.values() for e in pool[need:][:args.limit_per_label]]
     options = json.loads(args.options)
     rows = []
     with common.running_service(weights, image_size) as client:
@@ -109,8 +110,10 @@ def main() -> None:
              "views besides the original), plus, for version 2, production's head on the "
              "images it never trained on (the promotion's comparison). "
              f"Promotion of version 2: {two['promotion']['reason']}.\n")
-    text = common.section(HEADING, body, {"weights": weights, "image size": str(image_size),
-                                          "test": f"{len(test)} images of hymenoptera val"})
+    text = common.section(HEADING, body, {
+        "weights": weights, "image size": str(image_size),
+        "data": f"per label, hymenoptera train then val: the first {args.first} make version 1, "
+                f"the next {args.added} are added in version 2, the other {len(test)} test"})
     print(text)
     if args.write:
         common.write_section(HEADING, text)
