@@ -334,3 +334,36 @@ def test_a_version_job_is_requeued_by_its_job_id_and_runs_by_it(services):
     assert services.store.load_record(classifier_id).run != trained.run  # version 1 untouched
     assert services.store.active_ids() == []
     assert services.store.load_versions(classifier_id)[0].production == 2
+
+
+def test_an_export_names_the_version_asked_for_or_productions(services):
+    from models.options import VersionOptions
+    from service.errors import Conflict, NotFound
+    from service.jobs import export, versions
+    from service.jobs.training import run_training_job
+    from tests.test_jobs import create
+
+    class Builds:  # the builder thread's queue, as the export use case hands it work
+        def __init__(self):
+            self.submitted = []
+
+        def submit(self, classifier_id, run, export_format):
+            self.submitted.append((classifier_id, run, export_format))
+
+    builds = Builds()
+    classifier_id = create(services)
+    run_training_job(services, classifier_id)
+    versions.add_version(services, classifier_id, io.BytesIO(make_zip(more_images(0, 2))),
+                         VersionOptions(promote="always"))
+    with pytest.raises(Conflict, match="version 2"):  # queued: nothing to export yet
+        export.export_classifier(services, builds, classifier_id, "onnx", 2)
+    run_training_job(services, f"{classifier_id}.v2")
+    store = services.store
+    first, second = store.load_record(classifier_id, 1), store.load_record(classifier_id, 2)
+    assert export.export_classifier(services, builds, classifier_id, "onnx", None).version == 2
+    assert export.export_classifier(services, builds, classifier_id, "onnx", 1).version == 1
+    assert builds.submitted == [(classifier_id, second.run, "onnx"),
+                                (classifier_id, first.run, "onnx")]
+    assert versions.record_of_run(services, classifier_id, first.run).version == 1
+    with pytest.raises(NotFound):
+        export.export_classifier(services, builds, classifier_id, "onnx", 7)
