@@ -5,9 +5,9 @@ tests); how many images each run sent through the backbone (the service's
 in the API process with HEADSTART_QUEUE=local, so the counter sees it), its time, validation
 accuracy, test accuracy on hymenoptera `val`, and whether the version took production.
 
-Without a feature cache a version's run extracts every image and view again; with one (per
-image content, view, backbone and size) only the new ones. The promotion's comparison runs
-production's head on the new images once more (original view only).
+With the classifier's feature cache (per image content, view, backbone, size and precision) a
+version's run extracts only the (image, view) pairs no earlier run of the classifier computed;
+the promotion's comparison reads the new images' originals from the same cache.
 
     python -m bench.versions --write
     python -m bench.versions --weights random --image-size 32 --first 6 --added 3
@@ -107,8 +107,8 @@ def main() -> None:
         ("version", "images", "backbone images", "run s", "val accuracy", "test accuracy",
          "production"), rows)
     body += (f"\n\nBackbone images count every (image, view) pass of the run ({views} augmented "
-             "views besides the original), plus, for version 2, production's head on the "
-             "images it never trained on (the promotion's comparison). "
+             "views besides the original) that the classifier's feature cache did not hold, "
+             "the promotion's comparison included (it reads the new images' originals). "
              f"Promotion of version 2: {two['promotion']['reason']}.\n")
     text = common.section(HEADING, body, {
         "weights": weights, "image size": str(image_size),

@@ -20,7 +20,7 @@ import numpy as np
 from models import fitting
 from models.diagnosis import diagnose
 from models.evaluation import evaluate
-from models.features import extract_features
+from models.features import FeatureCache, extract_features
 from models.options import HeadOptions, TrainingConfig
 from models.progress import Cancelled, Progress, ProgressCallback, StopCheck
 from models.selection import Selection, cross_validate, mean_history
@@ -59,7 +59,8 @@ class TrainingResult:
 def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: Sequence[str],
                      backbone, config: TrainingConfig, *,
                      on_progress: ProgressCallback = lambda progress: None,
-                     should_stop: StopCheck = lambda: False) -> TrainingResult:
+                     should_stop: StopCheck = lambda: False,
+                     cache: FeatureCache | None = None) -> TrainingResult:
     """Trains a head for a labeled image set.
 
     Args:
@@ -70,6 +71,8 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
         config: folds, augmentation, head candidates and optimisation settings.
         on_progress: called with a `Progress` per extraction batch and per epoch.
         should_stop: polled between batches and epochs; True raises `Cancelled`.
+        cache: feature rows of earlier runs (`features.FeatureCache`): the backbone runs only
+            for the (image, view) pairs it lacks, and they are added to it.
 
     Returns:
         The refitted head and the training report: "m" (images, all of them both trained on
@@ -83,10 +86,11 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
     on_progress(Progress("extracting", images_done=0, images_total=len(images)))
     features = extract_features(
         images, backbone, views=config.augmentation.views, augmentation=config.augmentation,
-        rng=np.random.default_rng(config.seed), batch_size=config.extract_batch_size,
+        seed=config.seed, batch_size=config.extract_batch_size,
         on_batch=lambda done: on_progress(Progress("extracting", images_done=done,
                                                    images_total=len(images))),
-        should_stop=should_stop, timings=timings, max_pixels=config.max_image_pixels)
+        should_stop=should_stop, timings=timings, max_pixels=config.max_image_pixels,
+        cache=cache)
     return train_on_features(features, labels, label_names, config, timings=timings,
                              on_progress=on_progress, should_stop=should_stop)
 

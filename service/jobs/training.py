@@ -29,6 +29,7 @@ from service.jobs.runs import Stopped, TrainingRun
 from service.jobs.services import Services
 from service.storage.archive import Dataset
 from service.storage.classifiers import PreconditionFailed, Versioned
+from service.storage.features import StoredFeatureCache
 from service.storage.records import ACTIVE_STATUSES, ClassifierRecord, Lease, Progress, utc_now
 
 log = logging.getLogger(__name__)
@@ -135,12 +136,15 @@ def _train(services: Services, run: TrainingRun, dataset: Dataset) -> training.T
     backbone = services.backbone.get(wait=True, precision=record.features_precision)
     _check_same_backbone(record, backbone.identity.as_dict())
     label_index = {label: i for i, label in enumerate(record.labels)}
-    return training.train_classifier(
+    cache = StoredFeatureCache(services.store, record.id, services.settings.feature_cache_bytes)
+    result = training.train_classifier(
         [image.data for image in dataset.images],
         np.array([label_index[image.label] for image in dataset.images]),
         record.labels, backbone,
         training_config(record.options, services.settings.max_image_pixels),
-        on_progress=run.on_progress, should_stop=run.should_stop)
+        on_progress=run.on_progress, should_stop=run.should_stop, cache=cache)
+    result.report["features"] = cache.summary
+    return result
 
 
 def _report(services: Services, run: TrainingRun, result: training.TrainingResult) -> dict:
@@ -171,11 +175,14 @@ def _promotion(services: Services, record: ClassifierRecord, dataset: Dataset,
                 "reason": f"every image of this version was in version {against}'s training "
                           "set: there is nothing to compare on", "rule": promotion.RULE}
     backbone = services.backbone.get(wait=True, precision=old.features_precision)
+    # NB: the originals' features of this run, from the classifier's feature cache, when the
+    # versions compute in one precision (an original's key does not depend on the options)
     features = extract_features(
         [dataset.images[i].data for i in fresh], backbone, views=0,
-        augmentation=old.options.augmentation, rng=np.random.default_rng(0),
+        augmentation=old.options.augmentation, seed=0,
         batch_size=training.TrainingConfig().extract_batch_size,
-        max_pixels=services.settings.max_image_pixels)[:, 0]
+        max_pixels=services.settings.max_image_pixels,
+        cache=StoredFeatureCache(store, record.id, services.settings.feature_cache_bytes))[:, 0]
     head = load_head(HeadSpec(**old.head.model_dump()), backbone.feature_dim, len(old.labels),
                      store.load_head(old))
     label_index = {label: i for i, label in enumerate(record.labels)}
