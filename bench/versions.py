@@ -28,11 +28,12 @@ COUNTER = "headstart_backbone_images_total"
 
 
 def backbone_images(client: common.Client) -> float:
+    """Training's images through the backbone so far (not the test predictions')."""
     request = client._opener.open(client.base_url + "/metrics", timeout=60)
     for line in request.read().decode().splitlines():
-        if line.startswith(COUNTER + " "):
+        if line.startswith(COUNTER + "{") and 'purpose="training"' in line:
             return float(line.split()[-1])
-    raise BenchError(f"/metrics has no {COUNTER}")
+    raise BenchError(f'/metrics has no {COUNTER}{{purpose="training"}}')
 
 
 def wait_for(client: common.Client, path: str, done, timeout_s: float = 7200) -> dict:

@@ -188,6 +188,9 @@ def test_unknown_versions_and_aliases_are_404(client, first, grown):
 def test_a_version_report_is_its_own(client, first, grown):
     report = client.get(f"/v1/classifiers/{first['id']}/versions/2/report").json
     assert report["labels"] == ["blue", "green", "red"] and report["promotion"]["against"] == 1
+    # the feature cache: version 1's 12 images (2 views each) came from it, the 11 new were computed
+    features = report["features"]
+    assert (features["from_cache"], features["computed"]) == (12 * 2, 11 * 2), features
     assert client.get(f"/v1/classifiers/{first['id']}/versions/1/report").json["labels"] == \
         ["blue", "red"]
 
