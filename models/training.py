@@ -6,6 +6,8 @@ small head chosen by cross-validation (the one-standard-error rule prefers the s
 heads that validation cannot tell apart). The backbone runs exactly once per (image, view);
 every candidate, fold and epoch trains on the cached feature vectors. No image is held out of
 the served head: it is refitted on all of them, and the validation metrics are out of fold.
+`assess` then fits the head's trust data (temperature, default threshold, OOD reference) on the
+out-of-fold scores and checks the dataset's health: once per trained head.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
-from models import fitting
+from models import fitting, health, trust
 from models.diagnosis import diagnose
 from models.evaluation import evaluate
 from models.features import FeatureCache, extract_features
@@ -48,19 +50,24 @@ class TrainingResult:
         spec: the chosen head; head: the Keras head refitted on every image.
         report: JSON-ready (see `train_classifier`).
         selection: every candidate's cross-validation.
+        trust: the head's calibration, default threshold and OOD detector (`models.trust`),
+            stored in its head file.
     """
 
     spec: HeadOptions
     head: keras.Model
     report: dict
     selection: Selection
+    trust: trust.Trust | None = None
 
 
 def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: Sequence[str],
                      backbone, config: TrainingConfig, *,
                      on_progress: ProgressCallback = lambda progress: None,
                      should_stop: StopCheck = lambda: False,
-                     cache: FeatureCache | None = None) -> TrainingResult:
+                     cache: FeatureCache | None = None,
+                     paths: Sequence[str] | None = None,
+                     hashes: Sequence[str] | None = None) -> TrainingResult:
     """Trains a head for a labeled image set.
 
     Args:
@@ -73,14 +80,21 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
         should_stop: polled between batches and epochs; True raises `Cancelled`.
         cache: feature rows of earlier runs (`features.FeatureCache`): the backbone runs only
             for the (image, view) pairs it lacks, and they are added to it.
+        paths: each image's archive path, for the report's "health" (default: "image {i}").
+        hashes: each file's `health.content_hash` (default: computed here).
 
     Returns:
-        The refitted head and the training report: "m" (images, all of them both trained on
-        and validated out of fold), "d", "d_over_m", "diagnosis", "head", "selection",
+        The refitted head, its trust data and the training report: "m" (images, all of them
+        both trained on and validated out of fold), "d", "d_over_m", "diagnosis", "head", "selection",
         "history" and "best_epoch" / "stopped_early" (of the chosen head's folds),
         "train_accuracy" (the refit on its own images), "validation" (out of fold) and
-        "timings_s" (decode, features, selection, head = the refit).
+        "timings_s" (decode, features, selection, head = the refit, trust), and
+        "calibration", "threshold", "rejection", "ood", "health" (`trust.assess`).
     """
+    if hashes is None:
+        hashes = [health.content_hash(image) for image in images]
+    if paths is None:
+        paths = [f"image {i}" for i in range(len(images))]
     timings: dict[str, float] = {}
     # The total is known before the first (slow) batch.
     on_progress(Progress("extracting", images_done=0, images_total=len(images)))
@@ -92,13 +106,16 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
         should_stop=should_stop, timings=timings, max_pixels=config.max_image_pixels,
         cache=cache)
     return train_on_features(features, labels, label_names, config, timings=timings,
-                             on_progress=on_progress, should_stop=should_stop)
+                             on_progress=on_progress, should_stop=should_stop, paths=paths,
+                             hashes=hashes)
 
 
 def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
                       config: TrainingConfig, *, timings: dict[str, float] | None = None,
                       on_progress: ProgressCallback = lambda progress: None,
-                      should_stop: StopCheck = lambda: False) -> TrainingResult:
+                      should_stop: StopCheck = lambda: False,
+                      paths: Sequence[str] | None = None,
+                      hashes: Sequence[str] | None = None) -> TrainingResult:
     """Chooses, refits and reports a head on cached features: `train_classifier` after the
     backbone.
 
@@ -109,6 +126,7 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
         config: folds, head candidates and optimisation settings.
         timings: seconds so far (decode, features); selection and head are added.
         on_progress, should_stop: as for `train_classifier`.
+        paths, hashes: per image, for the report's "health" (null without both).
 
     Returns:
         As `train_classifier`.
@@ -140,6 +158,11 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
                              epochs=chosen.best_epoch, build=True, on_epoch=on_epoch,
                              should_stop=should_stop)
     timings["head"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    assessment = assess(features[:, 0], labels, label_names, chosen.out_of_fold, folds, config,
+                        paths=paths, hashes=hashes)
+    timings["trust"] = time.perf_counter() - start
 
     validation = evaluate(chosen.out_of_fold, labels, label_names)
     training = evaluate(np.asarray(refit.model.predict_on_batch(features[:, 0])), labels,
@@ -177,6 +200,24 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
         "train_accuracy": training["accuracy"],
         "validation": validation,
         "timings_s": {name: round(value, 3) for name, value in timings.items()},
+        **assessment.report,
     }
-    return TrainingResult(chosen.spec, refit.model, report, selection)
+    return TrainingResult(chosen.spec, refit.model, report, selection, assessment.trust)
+
+
+def assess(features: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
+           out_of_fold: np.ndarray, folds: np.ndarray, config: TrainingConfig, *,
+           paths: Sequence[str] | None = None,
+           hashes: Sequence[str] | None = None) -> trust.Assessment:
+    """Trust and health of one trained head under the run's `reject` option (`trust.assess`).
+
+    Args:
+        features: float32 (n, feature_dim) view 0 of every image; out_of_fold: float (n, k);
+            folds: int (n,); the rest as for `train_on_features`.
+    """
+    reject = config.reject
+    return trust.assess(
+        features, labels, label_names, out_of_fold, folds, paths=paths, hashes=hashes,
+        target_precision=None if reject == "off" else reject.target_precision,
+        out_of_distribution=reject != "off" and reject.out_of_distribution)
 

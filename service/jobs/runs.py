@@ -122,6 +122,7 @@ class TrainingRun:
             record.metrics = Metrics(val_accuracy=validation["accuracy"],
                                      val_loss=validation["loss"])
             record.training_seconds = round(time.monotonic() - self._started, 3)
+            record.threshold = report.get("threshold")
 
         try:
             self._write(ready, final=True)

@@ -5,7 +5,6 @@ Imports TensorFlow (through `models.training`): only training threads and worker
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -16,6 +15,8 @@ from collections.abc import Callable
 import numpy as np
 
 from models import promotion, training
+from models import trust as trust_lib
+from models.health import content_hash
 from models.backbone import device_name
 from models.features import extract_features
 from models.heads import HeadSpec, load_head, serialize_weights
@@ -69,7 +70,7 @@ def run_training_job(services: Services, job: str,
             comparison = _promotion(services, run.record, dataset, result)
             if comparison is not None:
                 report["promotion"] = comparison
-            run.commit(serialize_weights(result.head), report, result.spec.as_dict())
+            run.commit(head_file(result), report, result.spec.as_dict())
         except (training.Cancelled, Stopped):
             log.info("job %s: stopped: %s", job, run.stop_reason or "cancelled")
             services.metrics.job_event("cancelled")
@@ -142,9 +143,17 @@ def _train(services: Services, run: TrainingRun, dataset: Dataset) -> training.T
         np.array([label_index[image.label] for image in dataset.images]),
         record.labels, backbone,
         training_config(record.options, services.settings.max_image_pixels),
-        on_progress=run.on_progress, should_stop=run.should_stop, cache=cache)
+        on_progress=run.on_progress, should_stop=run.should_stop, cache=cache,
+        paths=[image.path for image in dataset.images],
+        hashes=[content_hash(image.data) for image in dataset.images])
     result.report["features"] = cache.summary
     return result
+
+
+def head_file(result: training.TrainingResult) -> bytes:
+    """The committed head's one stored file: its weights and its `trust.*` arrays."""
+    extra = trust_lib.to_arrays(result.trust) if result.trust is not None else None
+    return serialize_weights(result.head, extra)
 
 
 def _report(services: Services, run: TrainingRun, result: training.TrainingResult) -> dict:
@@ -168,8 +177,8 @@ def _promotion(services: Services, record: ClassifierRecord, dataset: Dataset,
         return {"against": against, "better": True, "reason": f"version {against} is gone"}
     if old.status != "ready" or old.run is None or old.head is None:
         return {"against": against, "better": True, "reason": f"version {against} is {old.status}"}
-    seen = {_content_hash(image.data) for image in _load_dataset(services, old).images}
-    fresh = [i for i, image in enumerate(dataset.images) if _content_hash(image.data) not in seen]
+    seen = {content_hash(image.data) for image in _load_dataset(services, old).images}
+    fresh = [i for i, image in enumerate(dataset.images) if content_hash(image.data) not in seen]
     if not fresh:
         return {"against": against, "better": False, "images": 0,
                 "reason": f"every image of this version was in version {against}'s training "
@@ -190,10 +199,6 @@ def _promotion(services: Services, record: ClassifierRecord, dataset: Dataset,
         result.selection.result.out_of_fold[fresh], apply_head(head, features),
         np.array([label_index[dataset.images[i].label] for i in fresh]), record.labels,
         old.labels)}
-
-
-def _content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _check_same_backbone(record: ClassifierRecord, worker: dict) -> None:

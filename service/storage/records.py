@@ -112,6 +112,9 @@ class ClassifierRecord(Stored):
     version: int = 1
     promote: Literal["if_better", "always", "never"] = "if_better"
     base: int | None = Field(None, description="The version whose images this one started from")
+    threshold: float | None = Field(
+        None, description="The committed head's default rejection threshold (None: stored "
+                          "before trust data existed, or not ready)")
 
     @property
     def features_precision(self) -> str:
