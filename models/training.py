@@ -25,7 +25,7 @@ from models.evaluation import evaluate
 from models.features import FeatureCache, extract_features
 from models.options import HeadOptions, TrainingConfig
 from models.progress import Cancelled, Progress, ProgressCallback, StopCheck
-from models.selection import Selection, cross_validate, mean_history
+from models.selection import Selection, cross_validate, mean_history, training_rows
 from models.splits import fold_count, stratified_folds, stratified_split
 
 # NB: Cancelled, Progress, TrainingConfig and stratified_split are imported from here by the
@@ -136,7 +136,6 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
     timings = {} if timings is None else timings
     k = fold_count(labels, config.validation_split)
     folds = stratified_folds(labels, k, config.seed)
-    views = features.shape[1] - 1
 
     start = time.perf_counter()
     selection = cross_validate(config.heads, features, labels, folds, num_classes, config,
@@ -152,8 +151,7 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
                              max_epochs=None if chosen.spec.is_exact else chosen.best_epoch,
                              candidate="refit"))
 
-    everything = fitting.Fold(features.reshape(-1, features.shape[-1]),
-                              np.repeat(labels, 1 + views))
+    everything = fitting.Fold(*training_rows(chosen.candidate, features, labels))
     refit = fitting.fit_head(chosen.spec, everything, num_classes, config,
                              epochs=chosen.best_epoch, build=True, on_epoch=on_epoch,
                              should_stop=should_stop)
@@ -173,7 +171,7 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
     selection_report = selection.report()
     selection_report.update({
         "history": HISTORY, "validation": VALIDATION,
-        "refit": {"images": len(labels), "rows": m,
+        "refit": {"images": len(labels), "rows": m, "trained_on": chosen.trained_on,
                   "epochs": refit.epochs,
                   "how": ("solved exactly on every image's rows" if chosen.spec.is_exact else
                           "Adam for the chosen head's median best epoch over its folds, on "
@@ -191,7 +189,8 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
         "d_over_m": round(d / m, 4),
         "diagnosis": diagnose(d, m, training["accuracy"], validation["accuracy"], len(labels),
                               num_classes, candidates=len(selection.candidates),
-                              smaller_rejected=selection.smaller_rejected),
+                              smaller_rejected=selection.smaller_rejected,
+                              trained_on=chosen.trained_on),
         "head": chosen.spec.as_dict(),
         "selection": selection_report,
         "history": mean_history(chosen.histories),
