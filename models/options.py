@@ -225,3 +225,24 @@ class TrainingConfig(TrainingOptions):
         """The heads to cross-validate: the candidates, or the one fixed head (trained on
         augmented rows)."""
         return self.candidates if self.head == "auto" else (HeadCandidate(head=self.head),)
+
+
+class VersionOptions(TrainingOptions):
+    """The `options` part of a new-version request: training options (those given replace the
+    base version's; the others are the base version's), where its images come from, and whether
+    it takes `production` when it is ready."""
+
+    base: int | None = Field(None, ge=1, description="The version whose images (and options) "
+                                                     "this one starts from; default: production")
+    replace: bool = Field(False, description="Use only the images sent now, not the base's")
+    promote: Literal["if_better", "always", "never"] = Field(
+        "if_better", description='"if_better": take production only if this version is right '
+                                 "on more of its images that production never trained on "
+                                 "(out-of-fold predictions against production's); "
+                                 '"always"; "never" (move the alias yourself)')
+
+    def training_options(self, base: TrainingOptions) -> TrainingOptions:
+        """The base version's options with the training options given here in their place."""
+        given = {name: getattr(self, name) for name in self.model_fields_set
+                 if name in TrainingOptions.model_fields}
+        return base.model_copy(update=given)

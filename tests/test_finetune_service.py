@@ -157,8 +157,9 @@ def test_the_export_of_a_fine_tuned_classifier_runs_its_own_blocks(client, class
 
 
 class _Record:
-    def __init__(self, classifier_id: str, run: str, updated_at: float = 0.0):
+    def __init__(self, classifier_id: str, run: str, updated_at: float = 0.0, version: int = 1):
         self.id, self.run, self.updated_at = classifier_id, run, updated_at
+        self.version = version
 
 
 def test_the_head_cache_is_bounded_in_bytes_and_keyed_by_the_committed_run():
@@ -182,6 +183,10 @@ def test_the_head_cache_is_bounded_in_bytes_and_keyed_by_the_committed_run():
     assert loads == []
     cache.get(_Record("tuned-c", "2"))  # a new committed run: the new head
     assert loads == [("tuned-c", "2")] and cache.nbytes <= 100
+    cache.get(_Record("tuned-c", "9", version=2))  # another version: its own slot
+    assert cache.get(_Record("tuned-c", "2")).head == "tuned-c" and loads[-1] == ("tuned-c", "9")
+    cache.forget("tuned-c")  # every version of it
+    assert ("tuned-c", 1) not in cache._heads and ("tuned-c", 2) not in cache._heads
     one = HeadCache(load, capacity=100, max_bytes=10)
     assert one.get(_Record("tuned-d", "1")).head == "tuned-d"  # alone over the bound: kept
     assert len(one) == 1

@@ -62,16 +62,17 @@ def load_served_head(record: ClassifierRecord, data: bytes, backbone) -> ServedH
 
 
 class HeadCache:
-    """Least-recently-used served heads, keyed by classifier id and the committed run (not the
-    record's update time, which every progress write of a later training run changes), at
-    most `capacity` of them and `max_bytes` of their weights."""
+    """Least-recently-used served heads, one slot per classifier version, valid while the
+    version's record names the same committed run (not the record's update time, which every
+    progress write of a later training run changes); at most `capacity` of them and
+    `max_bytes` of their weights."""
 
     def __init__(self, load: Callable[[ClassifierRecord], ServedHead], capacity: int,
                  max_bytes: int | None = None):
         self._load = load
         self._capacity = capacity
         self._max_bytes = max_bytes
-        self._heads: OrderedDict[str, tuple[Any, ServedHead]] = OrderedDict()
+        self._heads: OrderedDict[tuple[str, int], tuple[Any, ServedHead]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -81,16 +82,16 @@ class HeadCache:
         return record.run
 
     def get(self, record: ClassifierRecord) -> ServedHead:
-        key = self.key(record)
+        key, slot = self.key(record), (record.id, record.version)
         with self._lock:
-            cached = self._heads.get(record.id)
+            cached = self._heads.get(slot)
             if cached and cached[0] == key:
-                self._heads.move_to_end(record.id)
+                self._heads.move_to_end(slot)
                 return cached[1]
         served = self._load(record)  # outside the lock: a slow store read blocks no other head
         with self._lock:
-            self._drop(record.id)
-            self._heads[record.id] = (key, served)
+            self._drop(slot)
+            self._heads[slot] = (key, served)
             self._bytes += getattr(served, "nbytes", 0)
             # NB: the newest head stays even if it alone is over the bound: it is being served.
             while len(self._heads) > 1 and (
@@ -99,14 +100,16 @@ class HeadCache:
                 self._drop(next(iter(self._heads)))
         return served
 
-    def _drop(self, classifier_id: str) -> None:
-        cached = self._heads.pop(classifier_id, None)
+    def _drop(self, slot: tuple[str, int]) -> None:
+        cached = self._heads.pop(slot, None)
         if cached:
             self._bytes -= getattr(cached[1], "nbytes", 0)
 
     def forget(self, classifier_id: str) -> None:
+        """Drops every version's head of the classifier."""
         with self._lock:
-            self._drop(classifier_id)
+            for slot in [slot for slot in self._heads if slot[0] == classifier_id]:
+                self._drop(slot)
 
     @property
     def nbytes(self) -> int:
