@@ -21,7 +21,8 @@ def extract_features(images: Sequence[bytes], backbone: Backbone, *, views: int,
                      on_batch: Callable[[int], None] = lambda done: None,
                      should_stop: StopCheck = lambda: False,
                      timings: dict | None = None,
-                     max_pixels: int = 40_000_000) -> np.ndarray:
+                     max_pixels: int = 40_000_000,
+                     original: np.ndarray | None = None) -> np.ndarray:
     """Runs the backbone once per (image, view).
 
     Args:
@@ -35,6 +36,9 @@ def extract_features(images: Sequence[bytes], backbone: Backbone, *, views: int,
         should_stop: polled between passes; True raises `Cancelled`.
         timings: if given, "decode" and "features" seconds are added to it.
         max_pixels: largest decoded image (width × height): decompression bombs.
+        original: float32 (len(images), feature_dim) view-0 features of an earlier pass (staged
+            training's preview): copied into view 0, not computed again. The views drawn from
+            `rng` are the same either way.
 
     Returns:
         float32 array (len(images), 1 + views, feature_dim); view 0 is the unaugmented image.
@@ -52,6 +56,8 @@ def extract_features(images: Sequence[bytes], backbone: Backbone, *, views: int,
 
     batches = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
     features = np.zeros((len(images), 1 + views, backbone.feature_dim), np.float32)
+    if original is not None:
+        features[:, 0] = original
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
         pending = pool.submit(decode, batches[0]) if batches else None
         done = 0
@@ -61,7 +67,8 @@ def extract_features(images: Sequence[bytes], backbone: Backbone, *, views: int,
                 pending = pool.submit(decode, batches[index + 1])
             start = time.perf_counter()
             rows = slice(done, done + len(pixels))
-            features[rows, 0] = backbone.features(pixels)
+            if original is None:
+                features[rows, 0] = backbone.features(pixels)
             for view in range(1, 1 + views):
                 if should_stop():
                     raise Cancelled()

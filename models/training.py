@@ -1,25 +1,35 @@
-"""Training a classifier: cached features of every image and its augmented views, a head chosen
-by stratified k-fold cross-validation, a refit of that head on every image, and the report.
+"""Training a classifier in stages: cached features of every image and its augmented views, a
+head chosen by stratified k-fold cross-validation, a refit of that head on every image, and the
+report; a first head early, better ones as they come.
 
 The method keeps d/m small: m grows with augmented views, d shrinks with a frozen backbone and a
 small head chosen by cross-validation (the one-standard-error rule prefers the smaller of two
 heads that validation cannot tell apart). The backbone runs exactly once per (image, view);
 every candidate, fold and epoch trains on the cached feature vectors. No image is held out of
 the served head: it is refitted on all of them, and the validation metrics are out of fold.
+
+Staged training (`STAGES`): "preview" trains on the un-augmented view only (one backbone pass
+per image) with the exact logistic-regression candidates, so a first head exists soon after one
+pass over the dataset; "augmented" then extracts the augmented views (view 0 is reused, not run
+again) and cross-validates every candidate. Every stage uses the same folds, so their
+out-of-fold validation losses compare; a stage is handed to `on_stage` only when its loss is
+lower than that of the best stage so far, and the best is returned.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import keras
 import numpy as np
 
 from models import fitting
+from models.backbone import Backbone
 from models.diagnosis import diagnose
-from models.evaluation import evaluate
+from models.evaluation import cross_entropy, evaluate
 from models.features import extract_features
 from models.options import HeadOptions, TrainingConfig
 from models.progress import Cancelled, Progress, ProgressCallback, StopCheck
@@ -28,7 +38,7 @@ from models.splits import fold_count, stratified_folds, stratified_split
 
 # NB: Cancelled, Progress, TrainingConfig and stratified_split are imported from here by the
 # service and the benchmarks.
-__all__ = ["Cancelled", "Progress", "ProgressCallback", "StopCheck", "TrainingConfig",
+__all__ = ["STAGES", "Cancelled", "Progress", "ProgressCallback", "StopCheck", "TrainingConfig",
            "TrainingResult", "stratified_split", "train_classifier"]
 
 #: What the report's history shows, in words.
@@ -48,19 +58,108 @@ class TrainingResult:
         spec: the chosen head; head: the Keras head refitted on every image.
         report: JSON-ready (see `train_classifier`).
         selection: every candidate's cross-validation.
+        stage: the stage that made it ("preview", "augmented", …; see `STAGES`).
+        val_loss: its out-of-fold validation loss (unrounded): what stages are compared on.
+        stages: one summary per stage run so far, in order (see `StageSummary`).
     """
 
     spec: HeadOptions
     head: keras.Model
     report: dict
     selection: Selection
+    stage: str = "augmented"
+    val_loss: float = float("nan")
+    stages: tuple[dict, ...] = ()
+
+
+StageCallback = Callable[[TrainingResult], None]
+
+
+@dataclass
+class StagedRun:
+    """What the stages of one `train_classifier` call share: the images, the folds (the same
+    for every stage, so their losses compare) and the features extracted so far."""
+
+    images: Sequence[bytes]
+    labels: np.ndarray
+    label_names: Sequence[str]
+    backbone: Backbone
+    config: TrainingConfig
+    folds: np.ndarray
+    on_progress: ProgressCallback
+    should_stop: StopCheck
+    started: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+    #: float32 (n, 1 + views, feature_dim): the views extracted so far (None before the first).
+    features: np.ndarray | None = None
+
+    def progress(self, stage: str) -> ProgressCallback:
+        """`on_progress`, with each report naming the stage it belongs to."""
+        return lambda progress: self.on_progress(
+            dataclasses.replace(progress, training_stage=stage))
+
+    def extract(self, stage: str, views: int) -> np.ndarray:
+        """Features with `views` augmented views per image; view 0 is reused once extracted."""
+        if self.features is not None and self.features.shape[1] == 1 + views:
+            return self.features
+        report, total = self.progress(stage), len(self.images)
+        report(Progress("extracting", images_done=0, images_total=total))  # before the slow part
+        config = self.config
+        self.features = extract_features(
+            self.images, self.backbone, views=views, augmentation=config.augmentation,
+            rng=np.random.default_rng(config.seed), batch_size=config.extract_batch_size,
+            on_batch=lambda done: report(Progress("extracting", images_done=done,
+                                                  images_total=total)),
+            should_stop=self.should_stop, timings=self.timings,
+            max_pixels=config.max_image_pixels,
+            original=None if self.features is None else self.features[:, 0])
+        return self.features
+
+    def fit(self, stage: str, features: np.ndarray,
+            heads: Sequence[HeadOptions]) -> TrainingResult:
+        """Cross-validates `heads` on the run's folds, refits the chosen one, reports it."""
+        return train_on_features(features, self.labels, self.label_names, self.config,
+                                 timings=dict(self.timings), heads=heads, folds=self.folds,
+                                 stage=stage, on_progress=self.progress(stage),
+                                 should_stop=self.should_stop)
+
+
+def preview_heads(config: TrainingConfig) -> tuple[HeadOptions, ...]:
+    """The preview's candidates: the exact (logistic-regression) ones, which take seconds on
+    cached features; a fixed Adam-trained head is trained as given."""
+    return tuple(head for head in config.heads if head.is_exact) or config.heads
+
+
+def preview_stage(run: StagedRun) -> TrainingResult:
+    """Un-augmented features (one backbone pass per image) and the exact candidates."""
+    return run.fit("preview", run.extract("preview", views=0), preview_heads(run.config))
+
+
+def augmented_stage(run: StagedRun) -> TrainingResult | None:
+    """The augmented views (view 0 reused) and every candidate; None when that is the
+    preview's work again (no views, no other candidates)."""
+    views = run.config.augmentation.views
+    if views == 0 and preview_heads(run.config) == run.config.heads:
+        return None
+    return run.fit("augmented", run.extract("augmented", views=views), run.config.heads)
+
+
+Stage = Callable[[StagedRun], "TrainingResult | None"]
+#: The stages of a run, in order: each makes a head from what the run has so far, or returns
+#: None where it does not apply. Adding a stage is adding its entry.
+STAGES: tuple[tuple[str, Stage], ...] = (
+    ("preview", preview_stage),
+    ("augmented", augmented_stage),
+)
 
 
 def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: Sequence[str],
                      backbone, config: TrainingConfig, *,
                      on_progress: ProgressCallback = lambda progress: None,
-                     should_stop: StopCheck = lambda: False) -> TrainingResult:
-    """Trains a head for a labeled image set.
+                     should_stop: StopCheck = lambda: False,
+                     on_stage: StageCallback = lambda result: None,
+                     stages: Sequence[tuple[str, Stage]] = STAGES) -> TrainingResult:
+    """Trains a head for a labeled image set, stage by stage (`STAGES`).
 
     Args:
         images: encoded image files (already checked to decode).
@@ -68,35 +167,63 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
         label_names: the classifier's labels, in output order.
         backbone: the shared frozen feature extractor (`models.backbone.Backbone`).
         config: folds, augmentation, head candidates and optimisation settings.
-        on_progress: called with a `Progress` per extraction batch and per epoch.
+        on_progress: called with a `Progress` per extraction batch and per epoch, naming its
+            stage (`training_stage`).
         should_stop: polled between batches and epochs; True raises `Cancelled`.
+        on_stage: called with each stage's result whose out-of-fold validation loss is lower
+            than every earlier stage's (the first stage's always): the head to serve now.
+            What it raises stops training.
+        stages: the stages to run (default `STAGES`).
 
     Returns:
-        The refitted head and the training report: "m" (images, all of them both trained on
-        and validated out of fold), "d", "d_over_m", "diagnosis", "head", "selection",
-        "history" and "best_epoch" / "stopped_early" (of the chosen head's folds),
-        "train_accuracy" (the refit on its own images), "validation" (out of fold) and
-        "timings_s" (decode, features, selection, head = the refit).
+        The best stage's result (the last one given to `on_stage`), its `stages` summarising
+        every stage. Its report: "stage", "m" (images, all of them both trained on and
+        validated out of fold), "d", "d_over_m", "diagnosis", "head", "selection", "history"
+        and "best_epoch" / "stopped_early" (of the chosen head's folds), "train_accuracy" (the
+        refit on its own images), "validation" (out of fold) and "timings_s" (decode and
+        features so far, this stage's selection and head = the refit).
     """
-    timings: dict[str, float] = {}
-    # The total is known before the first (slow) batch.
-    on_progress(Progress("extracting", images_done=0, images_total=len(images)))
-    features = extract_features(
-        images, backbone, views=config.augmentation.views, augmentation=config.augmentation,
-        rng=np.random.default_rng(config.seed), batch_size=config.extract_batch_size,
-        on_batch=lambda done: on_progress(Progress("extracting", images_done=done,
-                                                   images_total=len(images))),
-        should_stop=should_stop, timings=timings, max_pixels=config.max_image_pixels)
-    return train_on_features(features, labels, label_names, config, timings=timings,
-                             on_progress=on_progress, should_stop=should_stop)
+    labels = np.asarray(labels, dtype=int)
+    folds = stratified_folds(labels, fold_count(labels, config.validation_split), config.seed)
+    run = StagedRun(images, labels, label_names, backbone, config, folds, on_progress,
+                    should_stop)
+    best: TrainingResult | None = None
+    summaries: list[dict] = []
+    for name, stage in stages:
+        result = stage(run)
+        if result is None:
+            continue
+        better = best is None or result.val_loss < best.val_loss
+        summaries.append(stage_summary(result, time.perf_counter() - run.started, better))
+        result.stages = tuple(summaries)
+        if better:
+            best = result
+            on_stage(result)
+        if should_stop():
+            raise Cancelled()
+    if best is None:
+        raise ValueError("no training stage applied: give at least one stage that makes a head")
+    best.stages = tuple(summaries)
+    return best
+
+
+def stage_summary(result: TrainingResult, elapsed_s: float, served: bool) -> dict:
+    """What the classifier shows of one stage: {"stage", "val_loss", "val_accuracy", "d",
+    "head", "elapsed_s" (since training started), "served" (it replaced the served head)}."""
+    return {"stage": result.stage, "val_loss": round(result.val_loss, 4),
+            "val_accuracy": result.report["validation"]["accuracy"], "d": result.report["d"],
+            "head": result.spec.as_dict(), "elapsed_s": round(elapsed_s, 3), "served": served}
 
 
 def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
                       config: TrainingConfig, *, timings: dict[str, float] | None = None,
+                      heads: Sequence[HeadOptions] | None = None,
+                      folds: np.ndarray | None = None, stage: str = "augmented",
                       on_progress: ProgressCallback = lambda progress: None,
                       should_stop: StopCheck = lambda: False) -> TrainingResult:
-    """Chooses, refits and reports a head on cached features: `train_classifier` after the
-    backbone.
+    """Chooses, refits and reports a head on cached features: one stage of `train_classifier`
+    after the backbone. Everything done to a chosen head (refit, report) happens here, once
+    per stage.
 
     Args:
         features: float32 (n, 1 + views, feature_dim) from `features.extract_features`.
@@ -104,21 +231,26 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
         label_names: the classifier's labels, in output order.
         config: folds, head candidates and optimisation settings.
         timings: seconds so far (decode, features); selection and head are added.
+        heads: the candidates (default: `config.heads`).
+        folds: int (n,) fold per image (default: `stratified_folds` of the config's split).
+        stage: the stage this is, for the result and report.
         on_progress, should_stop: as for `train_classifier`.
 
     Returns:
-        As `train_classifier`.
+        As `train_classifier` (with `stages` empty).
     """
     labels = np.asarray(labels, dtype=int)
     num_classes = len(label_names)
     timings = {} if timings is None else timings
-    k = fold_count(labels, config.validation_split)
-    folds = stratified_folds(labels, k, config.seed)
+    if folds is None:
+        folds = stratified_folds(labels, fold_count(labels, config.validation_split),
+                                 config.seed)
     views = features.shape[1] - 1
 
     start = time.perf_counter()
-    selection = cross_validate(config.heads, features, labels, folds, num_classes, config,
-                               on_progress=on_progress, should_stop=should_stop)
+    selection = cross_validate(tuple(heads or config.heads), features, labels, folds,
+                               num_classes, config, on_progress=on_progress,
+                               should_stop=should_stop)
     timings["selection"] = time.perf_counter() - start
     chosen = selection.result
 
@@ -153,6 +285,7 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
                           "every image's rows, without early stopping")},
     })
     report = {
+        "stage": stage,
         "labels": list(label_names),
         "m": {
             "train": len(labels), "validation": len(labels),
@@ -174,5 +307,6 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
         "validation": validation,
         "timings_s": {name: round(value, 3) for name, value in timings.items()},
     }
-    return TrainingResult(chosen.spec, refit.model, report, selection)
+    return TrainingResult(chosen.spec, refit.model, report, selection, stage=stage,
+                          val_loss=cross_entropy(chosen.out_of_fold, labels))
 
