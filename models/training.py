@@ -158,7 +158,7 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
                      on_progress: ProgressCallback = lambda progress: None,
                      should_stop: StopCheck = lambda: False,
                      on_stage: StageCallback = lambda result: None,
-                     stages: Sequence[tuple[str, Stage]] = STAGES) -> TrainingResult:
+                     stages: Sequence[tuple[str, Stage]] | None = None) -> TrainingResult:
     """Trains a head for a labeled image set, stage by stage (`STAGES`).
 
     Args:
@@ -173,7 +173,7 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
         on_stage: called with each stage's result whose out-of-fold validation loss is lower
             than every earlier stage's (the first stage's always): the head to serve now.
             What it raises stops training.
-        stages: the stages to run (default `STAGES`).
+        stages: the stages to run (default `STAGES`, read when called).
 
     Returns:
         The best stage's result (the last one given to `on_stage`), its `stages` summarising
@@ -189,7 +189,7 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
                     should_stop)
     best: TrainingResult | None = None
     summaries: list[dict] = []
-    for name, stage in stages:
+    for _name, stage in STAGES if stages is None else stages:
         result = stage(run)
         if result is None:
             continue

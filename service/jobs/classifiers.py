@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from typing import IO
@@ -12,8 +13,7 @@ from service.jobs.datasets import read_dataset_zip
 from service.jobs.services import Services
 from service.storage.archive import Dataset
 from service.storage.classifiers import new_classifier_id
-from service.storage.records import (ACTIVE_STATUSES, Backbone, ClassifierRecord, DatasetInfo,
-                                     Progress, utc_now)
+from service.storage.records import Backbone, ClassifierRecord, DatasetInfo, Progress, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -108,19 +108,24 @@ def get_classifier(services: Services, classifier_id: str) -> ClassifierRecord:
     return services.store.load_record(classifier_id)
 
 
-def get_report(services: Services, classifier_id: str) -> bytes:
-    """The served head's training report, a JSON document."""
+def get_report(services: Services, classifier_id: str) -> dict:
+    """The served head's training report, as stored with its head, plus what only the record
+    knows when it is read: "final" (no better stage can replace it: the run has ended) and
+    "stages" (every stage run so far)."""
     record = services.store.load_record(classifier_id)
     if record.status != "ready":
         raise Conflict(f"classifier {classifier_id} is {record.status}; the report exists once "
                        "training has finished")
-    return services.store.load_report(record)
+    report = json.loads(services.store.load_report(record))
+    report["final"] = not record.refining
+    report["stages"] = record.stages
+    return report
 
 
 def delete_classifier(services: Services, classifier_id: str) -> None:
     """Cancels a running job (waiting briefly for it to stop), then deletes everything."""
     record = services.store.load_record(classifier_id)
-    if record.status in ACTIVE_STATUSES:
+    if record.in_flight:
         services.runner.cancel(classifier_id)
     services.store.delete(classifier_id)
     services.heads.forget(classifier_id)

@@ -1,4 +1,5 @@
-"""Run a training job: claim it, train on its stored dataset, commit the head and report.
+"""Run a training job: claim it, train on its stored dataset stage by stage, commit each better
+head and its report as it comes, then end the run.
 
 Imports TensorFlow (through `models.training`): only training threads and workers import this.
 """
@@ -25,7 +26,8 @@ from service.jobs.runs import Stopped, TrainingRun
 from service.jobs.services import Services
 from service.storage.archive import Dataset
 from service.storage.classifiers import PreconditionFailed, Versioned
-from service.storage.records import ACTIVE_STATUSES, ClassifierRecord, Lease, Progress, utc_now
+from service.storage.records import (ACTIVE_STATUSES, ClassifierRecord, Error, Lease, Progress,
+                                     utc_now)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ def run_training_job(services: Services, classifier_id: str,
         should_stop: polled between batches and epochs; True cancels the job.
 
     A failure is recorded in the classifier (status failed, error with the reason), then
-    re-raised for the runner to log.
+    re-raised for the runner to log; after a committed stage the classifier stays ready on
+    that stage's head, its error saying why the refinement stopped. A cancellation after a
+    committed stage leaves it ready too.
     """
     claimed = claim(services, classifier_id)
     if claimed is None:
@@ -57,21 +61,24 @@ def run_training_job(services: Services, classifier_id: str,
     with run.heartbeat():
         try:
             result = _train(services, run)
-            run.commit(serialize_weights(result.head), _report(services, run, result),
-                       result.spec.as_dict())
+            run.finish(list(result.stages))
         except (training.Cancelled, Stopped):
+            run.end_refinement()  # cancelled after a committed stage: it stays ready
             log.info("job %s: stopped: %s", classifier_id, run.stop_reason or "cancelled")
             services.metrics.job_event("cancelled")
             return
         except Exception as error:  # a failed commit too: never left training
-            run.fail("Training failed", _failure_detail(error))
+            detail = _failure_detail(error)
+            if run.served_run is None:
+                run.fail("Training failed", detail)
+            else:  # NB: the served head is still good; only its refinement failed
+                run.end_refinement(Error(title="Refinement failed", detail=detail))
             services.metrics.job_event("failed")
             raise
     if not run.finished:
         log.info("job %s: result discarded: %s", classifier_id, run.stop_reason)
         return
-    services.metrics.job_event("ready")
-    log.info("job %s: ready, validation accuracy %.3f", classifier_id,
+    log.info("job %s: ready (%s), validation accuracy %.3f", classifier_id, run.record.stage,
              run.record.metrics.val_accuracy)
 
 
@@ -122,12 +129,18 @@ def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
     backbone = services.backbone.get(wait=True, precision=record.features_precision)
     _check_same_backbone(record, backbone.identity.as_dict())
     label_index = {label: i for i, label in enumerate(record.labels)}
+
+    def serve(result: training.TrainingResult) -> None:
+        run.commit_stage(result.stage, serialize_weights(result.head),
+                         _report(services, run, result), result.spec.as_dict(),
+                         list(result.stages))
+
     return training.train_classifier(
         [image.data for image in dataset.images],
         np.array([label_index[image.label] for image in dataset.images]),
         record.labels, backbone,
         training_config(record.options, services.settings.max_image_pixels),
-        on_progress=run.on_progress, should_stop=run.should_stop)
+        on_progress=run.on_progress, should_stop=run.should_stop, on_stage=serve)
 
 
 def _report(services: Services, run: TrainingRun, result: training.TrainingResult) -> dict:

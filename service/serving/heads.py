@@ -10,7 +10,8 @@ from service.storage.records import ClassifierRecord
 
 
 class HeadCache:
-    """Least-recently-used heads, keyed by classifier id and the record's update time."""
+    """Least-recently-used heads, keyed by classifier id and the record's `run` (the committed
+    head): progress writes while a classifier refines change `updated_at`, not the head."""
 
     def __init__(self, load: Callable[[ClassifierRecord], "keras.Model"],  # noqa: F821
                  capacity: int):
@@ -22,12 +23,12 @@ class HeadCache:
     def get(self, record: ClassifierRecord):
         with self._lock:
             cached = self._heads.get(record.id)
-            if cached and cached[0] == record.updated_at:
+            if cached and cached[0] == record.run:
                 self._heads.move_to_end(record.id)
                 return cached[1]
         head = self._load(record)  # outside the lock: a slow store read blocks no other head
         with self._lock:
-            self._heads[record.id] = (record.updated_at, head)
+            self._heads[record.id] = (record.run, head)
             self._heads.move_to_end(record.id)
             while len(self._heads) > self._capacity:
                 self._heads.popitem(last=False)

@@ -6,7 +6,7 @@
     classifiers/{id}/reports/{run}.json  that run's training report
     classifiers/{id}/exports/{run}/{format}.zip   an export of that run (a cache: rebuilt if lost)
     classifiers/{id}/exports/{run}/{format}.json  its build while there is no zip (jobs/export.py)
-    active/{id}                          index: the classifier's job is queued or training
+    active/{id}                          index: the classifier's job is queued, training or refining
     deleted/{id}                         tombstone: the classifier was deleted
 
 Records change only by compare-and-set on their version tag (`save_record(record, tag)`), so of
@@ -27,7 +27,7 @@ from typing import IO
 
 from service.errors import NotFound
 from service.storage.blobs import BlobStore, PreconditionFailed
-from service.storage.records import ACTIVE_STATUSES, ClassifierRecord
+from service.storage.records import ClassifierRecord
 
 _ID_PATTERN = re.compile(r"clf_[0-9a-z]{20}")  # NB: fullmatch; "$" would let "\n" through
 #: What a run id or an export format may be, before either becomes part of a key.
@@ -92,7 +92,7 @@ class ClassifierStore:
 
     def create_record(self, record: ClassifierRecord) -> str:
         """Writes a new record (its id must be unused); returns its version tag."""
-        if record.status in ACTIVE_STATUSES:
+        if record.in_flight:
             self.blobs.put(f"active/{record.id}", b"")
         return self.blobs.put_if(self._key(record.id, "record.json"), record.to_json(), None)
 
@@ -104,7 +104,7 @@ class ClassifierStore:
             NotFound: the classifier was deleted (what this call wrote is removed again).
         """
         key = self._key(record.id, "record.json")
-        if record.status in ACTIVE_STATUSES:
+        if record.in_flight:
             self.blobs.put(f"active/{record.id}", b"")
         try:
             new_tag = self.blobs.put_if(key, record.to_json(), tag)
@@ -116,7 +116,7 @@ class ClassifierStore:
         if self.is_deleted(record.id):
             self.purge(record.id)
             raise NotFound(f"classifier {record.id} was deleted")
-        if record.status not in ACTIVE_STATUSES:
+        if not record.in_flight:
             self.blobs.delete(f"active/{record.id}")
         return new_tag
 
@@ -162,7 +162,8 @@ class ClassifierStore:
         return self.list_page(limit=len(self.classifier_ids()) or 1)[0]
 
     def active_ids(self) -> list[str]:
-        """Classifiers whose job may be queued or training, from the index: one listing."""
+        """Classifiers whose job may be queued, training or refining, from the index: one
+        listing."""
         return sorted((key.split("/", 1)[1] for key in self.blobs.list("active")), reverse=True)
 
     def drop_from_active(self, classifier_id: str) -> None:

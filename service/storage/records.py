@@ -51,6 +51,7 @@ class Progress(Stored):
     val_accuracy: float | None = None
     candidate: str | None = None
     history: list[dict[str, Any]] = []
+    training_stage: str | None = None
 
 
 class Metrics(Stored):
@@ -106,6 +107,16 @@ class ClassifierRecord(Stored):
     run: str | None = Field(None, description="The training run whose head and report are current")
     head: HeadOptions | None = None
     training_seconds: float | None = None
+    stage: str | None = Field(None, description="The training stage whose head `run` is")
+    refining: bool = Field(False, description="Ready, and its run is still making a better head")
+    stages: list[dict[str, Any]] = Field(
+        [], description="One summary per training stage run so far (models.training.stage_summary)")
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a job may still write this record: queued, training, or refining a served
+        head (what the store's `active/` index lists)."""
+        return self.status in ACTIVE_STATUSES or self.refining
 
     @property
     def features_precision(self) -> str:
