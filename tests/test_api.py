@@ -483,6 +483,8 @@ def test_openapi_documents_every_route_from_the_pydantic_models(client):
         assert method in paths[path], (path, method)
     schemas = document["components"]["schemas"]
     assert {"Classifier", "Report", "PredictionResponse", "Problem", "TrainingOptions"} <= set(schemas)
+    assert {"refining", "stage"} <= set(schemas["Classifier"]["properties"])
+    assert {"final", "stage", "stages"} <= set(schemas["Report"]["properties"])
     assert paths["/v1/classifiers"]["post"]["summary"].startswith("Create a classifier")
 
 
