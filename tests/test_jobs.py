@@ -418,6 +418,19 @@ def test_a_store_outage_at_the_final_write_leaves_the_job_to_the_sweep(services)
     assert record.status == "ready" and services.store.load_head(record)
 
 
+def delete_while_it_waits(services, classifier_id, reached: threading.Event,
+                          deleted: threading.Event) -> None:
+    """Runs the job on a thread; once it has `reached` a point where it waits for `deleted`,
+    deletes the classifier, lets it go on, and checks that it ends."""
+    worker = threading.Thread(target=run_training_job, args=(services, classifier_id))
+    worker.start()
+    assert reached.wait(timeout=120)
+    delete_classifier(services, classifier_id)
+    deleted.set()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+
+
 def test_a_delete_during_commit_leaves_nothing_under_the_prefix(services):
     """DELETE lands after the run saved its head and report, before its record write."""
     classifier_id = create(services)
@@ -430,14 +443,7 @@ def test_a_delete_during_commit_leaves_nothing_under_the_prefix(services):
             assert deleted.wait(timeout=60)
 
     services.store.blobs.around["put"] = hold_after_the_report
-    worker = threading.Thread(target=run_training_job, args=(services, classifier_id))
-    worker.start()
-    assert saved.wait(timeout=120)
-    delete_classifier(services, classifier_id)
-    deleted.set()
-    worker.join(timeout=60)
-
-    assert not worker.is_alive()
+    delete_while_it_waits(services, classifier_id, saved, deleted)
     assert services.store.blobs.list(f"classifiers/{classifier_id}") == []
     assert services.store.active_ids() == []
     assert services.store.blobs.list("deleted") == [f"deleted/{classifier_id}"]
@@ -459,14 +465,7 @@ def test_a_worker_writing_after_delete_stops_and_brings_nothing_back(services):
         return new_tag
 
     services.store.blobs.around["put_if"] = hold_while_training
-    worker = threading.Thread(target=run_training_job, args=(services, classifier_id))
-    worker.start()
-    assert training.wait(timeout=120)
-    delete_classifier(services, classifier_id)
-    deleted.set()
-    worker.join(timeout=60)
-
-    assert not worker.is_alive()
+    delete_while_it_waits(services, classifier_id, training, deleted)
     assert not services.store.exists(classifier_id)
     assert services.store.blobs.list(f"classifiers/{classifier_id}") == []
     assert services.store.active_ids() == []

@@ -13,7 +13,7 @@ from models.options import AUTO_HEADS, AugmentationOptions, HeadOptions, Trainin
 from models.prediction import class_scores, rank
 from models.preprocessing import load_image
 from models.weights import IMAGENET_FINGERPRINT
-from tests.helpers import COLOURS, image_bytes
+from tests.helpers import COLOURS, forced_loss, image_bytes
 
 SIZE = 32
 
@@ -152,15 +152,6 @@ def test_the_augmented_stage_reuses_view_0_and_draws_the_same_views(backbone):
     assert first.shape == (6, 1, FEATURE_DIM) and staged.shape == (6, 3, FEATURE_DIM)
     np.testing.assert_array_equal(staged[:, 0], first[:, 0])
     np.testing.assert_allclose(staged, at_once, rtol=1e-5, atol=1e-5)
-
-
-def forced_loss(stage, loss):
-    """A real stage whose result claims `loss`, to test how stages are compared."""
-    def run(staged):
-        result = stage(staged)
-        result.val_loss = loss
-        return result
-    return run
 
 
 def test_a_later_stage_is_served_only_when_its_loss_is_lower(backbone):

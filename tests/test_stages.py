@@ -21,9 +21,9 @@ from service.jobs.training import run_training_job
 from service.serving.heads import HeadCache
 from service.storage.records import Lease, utc_now
 from service.workers.thread import ThreadRunner
-from tests.helpers import COLOURS, image_bytes
-from tests.test_jobs import (create, files, is_record, run_of, runs_of, services,  # noqa: F401
-                             transitions)
+from tests.helpers import COLOURS, forced_loss, image_bytes
+from tests.test_jobs import (create, delete_while_it_waits, files, is_record,  # noqa: F401
+                             services, transitions)
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def serving(services, loads):  # noqa: F811
     return dataclasses.replace(services, heads=HeadCache(load, capacity=4))
 
 
-def at_first_commit(services, classifier_id, then):
+def at_first_commit(wired, classifier_id, then):
     """Runs `then(record)` once, right after the first stage commit (ready, refining) landed,
     inside the training thread: what any reader sees while the run refines."""
     done = []
@@ -51,19 +51,11 @@ def at_first_commit(services, classifier_id, then):
         new_tag = real(key, data, tag)
         if is_record(key, classifier_id) and json.loads(data).get("refining") and not done:
             done.append(True)
-            then(services.store.load_record(classifier_id))
+            then(wired.store.load_record(classifier_id))
         return new_tag
 
-    services.store.blobs.around["put_if"] = hook
+    wired.store.blobs.around["put_if"] = hook
     return done
-
-
-def forced(stage, loss):
-    def run(staged):
-        result = stage(staged)
-        result.val_loss = loss
-        return result
-    return run
 
 
 RED = image_bytes(COLOURS["red"], seed=7)
@@ -109,9 +101,9 @@ def test_the_first_stage_serves_while_later_ones_run_then_the_run_ends(serving):
                                             ((0.3, 0.3), ["preview"])])
 def test_a_later_stage_replaces_the_served_head_only_when_its_loss_is_lower(
         serving, loads, monkeypatch, losses, served):
-    monkeypatch.setattr(training, "STAGES", (("preview", forced(training.preview_stage, losses[0])),
-                                             ("augmented", forced(training.augmented_stage,
-                                                                  losses[1]))))
+    monkeypatch.setattr(training, "STAGES", (
+        ("preview", forced_loss(training.preview_stage, losses[0])),
+        ("augmented", forced_loss(training.augmented_stage, losses[1]))))
     classifier_id = create(serving)
     heads_served = []
 
@@ -202,14 +194,8 @@ def test_a_delete_while_refining_stops_a_worker_that_gets_no_signal(serving):
         assert deleted.wait(timeout=60)
 
     at_first_commit(serving, classifier_id, hold)
-    worker = threading.Thread(target=run_training_job, args=(serving, classifier_id))
-    worker.start()
-    assert committed.wait(timeout=120)
-    delete_classifier(serving, classifier_id)
-    deleted.set()
-    worker.join(timeout=60)
-
-    assert not worker.is_alive() and not serving.store.exists(classifier_id)
+    delete_while_it_waits(serving, classifier_id, committed, deleted)
+    assert not serving.store.exists(classifier_id)
     assert serving.store.blobs.list(f"classifiers/{classifier_id}") == []
     assert serving.store.active_ids() == []
 
@@ -218,25 +204,25 @@ class WorkerDied(BaseException):
     """What a SIGKILL looks like from inside: the run writes nothing more."""
 
 
-def crash_after_the_first_commit(services, classifier_id):
+def crash_after_the_first_commit(wired, classifier_id):
     def die(record):
         raise WorkerDied()
 
     at_first_commit(services, classifier_id, die)
     with pytest.raises(WorkerDied):
-        run_training_job(services, classifier_id)
-    services.store.blobs.around.clear()
-    record = services.store.load_record(classifier_id)
+        run_training_job(wired, classifier_id)
+    wired.store.blobs.around.clear()
+    record = wired.store.load_record(classifier_id)
     assert record.status == "ready" and record.refining and record.lease is not None
     return record
 
 
-def expire_lease(services, classifier_id, age_s=60):
-    current = services.store.load_versioned(classifier_id)
+def expire_lease(wired, classifier_id, age_s=60):
+    current = wired.store.load_versioned(classifier_id)
     record = current.record.model_copy(deep=True)
     record.lease = Lease(owner=record.lease.owner,
                          heartbeat_at=utc_now() - timedelta(seconds=age_s))
-    services.store.save_record(record, current.tag)
+    wired.store.save_record(record, current.tag)
 
 
 def test_a_crash_while_refining_leaves_the_last_committed_stage_serving(serving):
