@@ -285,8 +285,8 @@ def test_the_live_view_while_a_classifier_trains_and_delete_cancels_it(server, p
 
 
 #: A quick preview (logistic regressions on the un-augmented view), then a long augmented stage
-#: (a hidden layer among the candidates, 1000 epochs per fold): refining long enough to watch.
-REFINING = {"max_epochs": 1000, "patience": 1000, "augmentation": {"views": 2}}
+#: (a hidden layer among the candidates, 1000 slow epochs per fold): refining long enough to watch.
+REFINING = {"max_epochs": 1000, "patience": 200, "learning_rate": 1e-5, "augmentation": {"views": 2}}
 
 
 def test_a_ready_classifier_that_still_refines_says_so_and_predicts(server, page):
