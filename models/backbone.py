@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -38,6 +41,23 @@ NAME = "vgg16"
 FEATURES = "gap(block4_pool)|gap(block5_conv3)|gmp(block5_conv3)|gap(block5_pool)"
 FEATURE_DIM = 2048
 RANDOM = "random"
+#: What a pass is for, counted per backbone (`Backbone.images`): "predict" where a thread says
+#: so (`counted_as`), "training" for every other pass (features, fine-tuning activations).
+PURPOSES = ("training", "predict")
+_purpose = threading.local()
+
+
+@contextmanager
+def counted_as(purpose: str) -> Iterator[None]:
+    """Counts the passes this thread makes meanwhile, on any backbone, under `purpose`."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}. Received: {purpose!r}")
+    before = getattr(_purpose, "name", PURPOSES[0])
+    _purpose.name = purpose
+    try:
+        yield
+    finally:
+        _purpose.name = before
 
 
 @dataclass(frozen=True)
@@ -74,13 +94,22 @@ class Backbone:
             model.input, [model.get_layer(name).output
                           for name in ("block4_pool", "block5_conv3", "block5_pool")])
         self._lower: dict[tuple[str, str], object] = {}
-        self.passes = 0  # images sent through the base, for metrics
+        self.images: Counter[str] = Counter()  # images sent through the base, by purpose
         self._passes_lock = threading.Lock()
         size = identity.image_size
         self._compiled = tf.function(
             self._forward,
             input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)],
         )
+
+    @property
+    def passes(self) -> int:
+        """Images sent through the base, for every purpose."""
+        return sum(self.images.values())
+
+    def _count(self, images: int) -> None:
+        with self._passes_lock:
+            self.images[getattr(_purpose, "name", PURPOSES[0])] += images
 
     def _forward(self, images: tf.Tensor) -> tf.Tensor:
         return pool_features(*self._taps(keras.applications.vgg16.preprocess_input(images),
@@ -101,8 +130,7 @@ class Backbone:
                 lambda x: tf.cast(lower(keras.applications.vgg16.preprocess_input(x),
                                         training=False), dtype),
                 input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32)])
-        with self._passes_lock:
-            self.passes += len(images)
+        self._count(len(images))
         return self._lower[key](tf.convert_to_tensor(images, tf.float32)).numpy()
 
     def features(self, images: np.ndarray) -> np.ndarray:
@@ -118,8 +146,7 @@ class Backbone:
             raise ValueError(
                 f"Expected images of shape (batch, {self.image_size}, {self.image_size}, 3). "
                 f"Received: shape={images.shape}")
-        with self._passes_lock:
-            self.passes += len(images)
+        self._count(len(images))
         return self._compiled(tf.convert_to_tensor(images, tf.float32)).numpy()
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:

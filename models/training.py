@@ -30,7 +30,7 @@ from models import fitting
 from models.backbone import Backbone
 from models.diagnosis import diagnose
 from models.evaluation import cross_entropy, evaluate
-from models.features import extract_features
+from models.features import FeatureCache, extract_features
 from models.options import HeadOptions, TrainingConfig
 from models.progress import Cancelled, Progress, ProgressCallback, StopCheck
 from models.selection import Selection, cross_validate, mean_history
@@ -88,6 +88,7 @@ class StagedRun:
     folds: np.ndarray
     on_progress: ProgressCallback
     should_stop: StopCheck
+    cache: FeatureCache | None = None
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
     #: float32 (n, 1 + views, feature_dim): the views extracted so far (None before the first).
@@ -107,11 +108,11 @@ class StagedRun:
         config = self.config
         self.features = extract_features(
             self.images, self.backbone, views=views, augmentation=config.augmentation,
-            rng=np.random.default_rng(config.seed), batch_size=config.extract_batch_size,
+            seed=config.seed, batch_size=config.extract_batch_size,
             on_batch=lambda done: report(Progress("extracting", images_done=done,
                                                   images_total=total)),
             should_stop=self.should_stop, timings=self.timings,
-            max_pixels=config.max_image_pixels,
+            max_pixels=config.max_image_pixels, cache=self.cache,
             original=None if self.features is None else self.features[:, 0])
         return self.features
 
@@ -158,7 +159,8 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
                      on_progress: ProgressCallback = lambda progress: None,
                      should_stop: StopCheck = lambda: False,
                      on_stage: StageCallback = lambda result: None,
-                     stages: Sequence[tuple[str, Stage]] | None = None) -> TrainingResult:
+                     stages: Sequence[tuple[str, Stage]] | None = None,
+                     cache: FeatureCache | None = None) -> TrainingResult:
     """Trains a head for a labeled image set, stage by stage (`STAGES`).
 
     Args:
@@ -174,6 +176,8 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
             than every earlier stage's (the first stage's always): the head to serve now.
             What it raises stops training.
         stages: the stages to run (default `STAGES`, read when called).
+        cache: feature rows of earlier runs (`features.FeatureCache`): the backbone runs only
+            for the (image, view) pairs it lacks, and they are added to it.
 
     Returns:
         The best stage's result (the last one given to `on_stage`), its `stages` summarising
@@ -186,7 +190,7 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
     labels = np.asarray(labels, dtype=int)
     folds = stratified_folds(labels, fold_count(labels, config.validation_split), config.seed)
     run = StagedRun(images, labels, label_names, backbone, config, folds, on_progress,
-                    should_stop)
+                    should_stop, cache)
     best: TrainingResult | None = None
     summaries: list[dict] = []
     for _name, stage in STAGES if stages is None else stages:

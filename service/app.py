@@ -63,9 +63,9 @@ def create_app(settings: Settings | None = None, *,
                       capacity=settings.head_cache_size)
     services = Services(settings=settings, store=store, backbone=backbone, heads=heads,
                         runner=open_runner(settings), metrics=Metrics())
-    services.metrics.watch(store, services.runner.depth, lambda: backbone.passes,
-                           lambda: backbone.queued_images,
+    services.metrics.watch(store, services.runner.depth, lambda: backbone.queued_images,
                            full_scan_s=settings.metrics_store_scan_s)
+    services.metrics.watch_backbone(backbone.images_by_purpose)
     app.extensions["headstart"] = services
     app.extensions["headstart.uploads"] = UploadLimiter(settings.max_concurrent_uploads)
     app.extensions["headstart.api_keys"] = api_keys

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     max_feature_bytes: int = Field(
         8 * 1024**3, gt=0, description="Most memory a training run's cached features may take "
                                        "(images × views × feature size); larger uploads get 422")
+    feature_cache_bytes: int = Field(
+        1024**3, ge=0, le=4 * 1024**3,
+        description="Most bytes of backbone features kept per classifier for its next training "
+                    "runs (about 8 KiB per image and view); past it the newest are kept. 0: no "
+                    "feature cache. At most 4 GiB: the cache is one conditional S3 PutObject, "
+                    "whose limit is 5 GB")
     predict_max_batch: int = Field(
         32, ge=1, le=256, description="Most images in one shared backbone pass")
     predict_max_wait_ms: float = Field(

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -57,21 +57,24 @@ class Metrics:
         self.job_transitions.labels(state).inc()
 
     def watch(self, store, queue_depth: Callable[[], int | None],
-              backbone_passes: Callable[[], int], predict_queued: Callable[[], int], *,
-              full_scan_s: float = 300.0) -> None:
-        """Adds metrics read at scrape time from the store, the queue and the backbone."""
-        self.registry.register(_LiveCollector(store, queue_depth, backbone_passes,
-                                              predict_queued, full_scan_s))
+              predict_queued: Callable[[], int], *, full_scan_s: float = 300.0) -> None:
+        """Adds metrics read at scrape time from the store, the queue and the batcher."""
+        self.registry.register(_LiveCollector(store, queue_depth, predict_queued, full_scan_s))
+
+    def watch_backbone(self, images: Callable[[], Mapping[str, int]]) -> None:
+        """Adds `headstart_backbone_images_total{purpose}`: images this process sent through
+        the backbone, by purpose (training, predict), read at scrape time. Every process that
+        runs the backbone (API, training worker) counts its own."""
+        self.registry.register(_BackboneCollector(images))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class _LiveCollector:
-    def __init__(self, store, queue_depth, backbone_passes, predict_queued, full_scan_s):
+    def __init__(self, store, queue_depth, predict_queued, full_scan_s):
         self._store = store
         self._queue_depth = queue_depth
-        self._backbone_passes = backbone_passes
         self._predict_queued = predict_queued
         self._every = {"active": STORE_SNAPSHOT_S, "all": full_scan_s}
         self._snapshots: dict[str, tuple[float, list[ClassifierRecord]]] = {
@@ -128,14 +131,28 @@ class _LiveCollector:
                                       "Training jobs waiting in the queue for a worker")
             queue.add_metric([], depth)
             yield queue
-        passes = CounterMetricFamily("headstart_backbone_images",
-                                     "Images sent through the backbone by this process")
-        passes.add_metric([], self._backbone_passes())
-        yield passes
         waiting = GaugeMetricFamily("headstart_predict_queued_images",
                                     "Images waiting for a shared backbone pass in this process")
         waiting.add_metric([], self._predict_queued())
         yield waiting
+
+
+class _BackboneCollector:
+    def __init__(self, images: Callable[[], Mapping[str, int]]):
+        self._images = images
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        passes = CounterMetricFamily("headstart_backbone_images",
+                                     "Images sent through the backbone by this process, by "
+                                     "purpose (training: features and fine-tuning; predict)",
+                                     labels=["purpose"])
+        counts = {"training": 0, "predict": 0, **self._images()}
+        for purpose, images in sorted(counts.items()):
+            passes.add_metric([purpose], images)
+        yield passes
 
 
 def _job_seconds(durations) -> HistogramMetricFamily:

@@ -457,7 +457,16 @@ def test_readyz_is_503_while_the_backbone_loads(tmp_path):
     assert create.status_code == 503 and create.mimetype == "application/problem+json"
 
 
+def backbone_images(client) -> dict[str, float]:
+    """headstart_backbone_images_total by purpose, from /metrics."""
+    prefix = 'headstart_backbone_images_total{purpose="'
+    return {line[len(prefix):].split('"')[0]: float(line.split()[-1])
+            for line in client.get("/metrics").data.decode().splitlines()
+            if line.startswith(prefix)}
+
+
 def test_metrics_count_requests_predictions_and_backbone_passes(client, ready_classifier):
+    before = backbone_images(client)
     client.post(f"/v1/classifiers/{ready_classifier['id']}/predict",
                 data={"image": (io.BytesIO(image_bytes()), "x.png")},
                 content_type="multipart/form-data")
@@ -466,8 +475,13 @@ def test_metrics_count_requests_predictions_and_backbone_passes(client, ready_cl
     assert "headstart_predict_queued_images 0.0" in text
     assert "headstart_predicted_images_total" in text
     assert 'headstart_classifiers{status="ready"}' in text
-    passes = [line for line in text.splitlines() if line.startswith("headstart_backbone_images_total")]
-    assert passes and float(passes[0].split()[-1]) > 0
+    after = backbone_images(client)
+    assert after["predict"] - before["predict"] == 1
+    # In-process training counts here too: every (image, view) of the new classifier.
+    features = client.get(f"/v1/classifiers/{ready_classifier['id']}/report").json["features"]
+    assert features["computed"] == features["requested"] == 20 * (1 + 1)
+    assert features["from_cache"] == 0
+    assert after["training"] >= features["computed"]
 
 
 def test_openapi_documents_every_route_from_the_pydantic_models(client):

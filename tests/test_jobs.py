@@ -571,7 +571,7 @@ def test_the_sweep_and_a_scrape_read_only_the_jobs_in_flight(services, monkeypat
     assert blobs.calls["list"] == 1 and blobs.keys["list", "active"] == 1
 
     monkeypatch.setattr(metrics_module, "STORE_SNAPSHOT_S", 0.0)  # every scrape reads again
-    services.metrics.watch(services.store, lambda: 0, lambda: 0, lambda: 0, full_scan_s=3600)
+    services.metrics.watch(services.store, lambda: 0, lambda: 0, full_scan_s=3600)
     first = services.metrics.render().decode()  # the full scan, once per full_scan_s
     assert 'headstart_classifiers{status="ready"} 20.0' in first
     assert 'headstart_classifiers{status="queued"} 2.0' in first

@@ -19,6 +19,7 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models.options import TrainingOptions
@@ -28,6 +29,7 @@ from service.errors import NotFound
 from service.storage.blobs import (ConditionalWritesUnsupported, LocalBlobStore,
                                    PreconditionFailed, StoreUnavailable)
 from service.storage.classifiers import ClassifierStore
+from service.storage.features import KEY_BYTES, StoredFeatureCache, decode
 from service.storage.records import SCHEMA_VERSION, ClassifierRecord, DatasetInfo, utc_now
 from service.storage.s3 import S3BlobStore, open_s3_blob_store, parse_s3_location, s3_client
 from tools.localservers import (RcloneS3Server, SeaweedS3Server, free_port, rclone_program,
@@ -356,6 +358,48 @@ def test_pages_are_newest_first_and_the_cursor_continues_them(store):
     assert classifiers.list_page(5)[1] is None
     assert [r.name for r in classifiers.list_page(3, record(3).id)[0]] == [
         "classifier 2", "classifier 1", "classifier 0"]
+
+
+def test_the_feature_cache_object_changes_by_compare_and_set_and_goes_with_its_classifier(
+        store):
+    classifiers = ClassifierStore(store)
+    queued = record(1)
+    classifiers.create_record(queued)
+    assert classifiers.load_features(queued.id) is None
+    tag = classifiers.save_features(queued.id, b"first", None)
+    with pytest.raises(PreconditionFailed):
+        classifiers.save_features(queued.id, b"again", None)  # there is one now
+    newer = classifiers.save_features(queued.id, b"second", tag)
+    with pytest.raises(PreconditionFailed):
+        classifiers.save_features(queued.id, b"stale", tag)
+    assert classifiers.load_features(queued.id) == (b"second", newer)
+    classifiers.delete(queued.id)
+    assert classifiers.load_features(queued.id) is None
+    assert store.list("classifiers") == []
+    with pytest.raises(NotFound):  # a run still writing after the delete leaves nothing
+        classifiers.save_features(queued.id, b"late", None)
+    assert store.list("classifiers") == []
+
+
+def test_two_runs_writing_a_feature_cache_at_once_keep_both_runs_rows(store):
+    """Both read "no cache", both write: the second's conditional write fails, and it merges
+    the first's rows into its own."""
+    classifiers = ClassifierStore(store)
+    queued = record(1)
+    classifiers.create_record(queued)
+    keys = [bytes([i]) * KEY_BYTES for i in range(4)]
+    rows = np.arange(4 * 8, dtype=np.float32).reshape(4, 8)
+    runs = [StoredFeatureCache(classifiers, queued.id, max_bytes=2**20) for _ in range(2)]
+    for run in runs:
+        assert run.get(keys) == {}
+    runs[0].put(keys[:2], rows[:2])
+    runs[1].put(keys[2:], rows[2:])
+    stored_keys, stored_rows = decode(classifiers.load_features(queued.id)[0])
+    assert [key.tobytes() for key in stored_keys] == keys[2:] + keys[:2]  # newest first
+    np.testing.assert_array_equal(stored_rows, np.concatenate([rows[2:], rows[:2]]))
+    found = StoredFeatureCache(classifiers, queued.id, max_bytes=2**20).get(keys)
+    assert {key: row.tolist() for key, row in found.items()} == \
+        {key: row.tolist() for key, row in zip(keys, rows)}
 
 
 # ---------------------------------------------------------------- S3 only

@@ -221,6 +221,9 @@ def test_create_from_a_folder_follow_it_read_the_report_try_it_and_delete_it(
     assert sum(int(cell) for cell in matrix.locator("td").all_inner_texts()) == 12
     expect(page.get_by_test_id("per-label")).to_contain_text("red")
     expect(page.get_by_text("None: every file in the upload was used.")).to_be_visible()
+    # A new classifier's 12 images × 2 views all went through the backbone.
+    expect(page.get_by_text("24 (image, view) features computed, 0 read from the "
+                            "classifier's cache")).to_be_visible()
     screenshot(page, "report.png", page.locator(".report"))
 
     # Export: the zip is built on the server, then saved by the browser.

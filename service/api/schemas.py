@@ -220,6 +220,20 @@ class StageOut(BaseModel):
                                      "than every earlier stage's)")
 
 
+class FeatureCacheReport(BaseModel):
+    """The training run's (image, view) features: how many came from the classifier's feature
+    cache, how many the backbone computed, and what the cache holds after the run."""
+
+    requested: int = Field(description="(image, view) features the run needed")
+    from_cache: int = Field(description="Of those, read from the feature cache")
+    computed: int = Field(description="Of those, computed by the backbone (one image pass each)")
+    stored: int = Field(description="(image, view) features the cache holds after the run")
+    dropped: int = Field(description="Features not kept because of the bound (oldest first)")
+    bytes: int = Field(description="Size of the cache's features and keys after the run")
+    max_bytes: int = Field(description="The bound, HEADSTART_FEATURE_CACHE_BYTES")
+    note: str | None = Field(None, description="Why something was not read or stored")
+
+
 class Report(BaseModel):
     """The training report of the served head."""
 
@@ -252,6 +266,9 @@ class Report(BaseModel):
     validation: ValidationResult
     options: TrainingOptions
     timings_s: dict[str, float]
+    features: FeatureCacheReport | None = Field(
+        None, description="Where the (image, view) features came from: the classifier's feature "
+                          "cache or the backbone")
     backbone: BackboneOut
     device: str = Field(description="Where the head was trained and features extracted")
     precision: str = Field("float32", description="The backbone's compute precision in training")

@@ -26,6 +26,7 @@ from service.jobs.runs import Stopped, TrainingRun
 from service.jobs.services import Services
 from service.storage.archive import Dataset
 from service.storage.classifiers import PreconditionFailed, Versioned
+from service.storage.features import StoredFeatureCache
 from service.storage.records import (ACTIVE_STATUSES, ClassifierRecord, Error, Lease, Progress,
                                      utc_now)
 
@@ -129,8 +130,10 @@ def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
     backbone = services.backbone.get(wait=True, precision=record.features_precision)
     _check_same_backbone(record, backbone.identity.as_dict())
     label_index = {label: i for i, label in enumerate(record.labels)}
+    cache = StoredFeatureCache(services.store, record.id, services.settings.feature_cache_bytes)
 
     def serve(result: training.TrainingResult) -> None:
+        result.report["features"] = dict(cache.summary)  # so far: this stage's extractions
         run.commit_stage(result.stage, serialize_weights(result.head),
                          _report(services, run, result), result.spec.as_dict(),
                          list(result.stages))
@@ -140,7 +143,7 @@ def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
         np.array([label_index[image.label] for image in dataset.images]),
         record.labels, backbone,
         training_config(record.options, services.settings.max_image_pixels),
-        on_progress=run.on_progress, should_stop=run.should_stop, on_stage=serve)
+        on_progress=run.on_progress, should_stop=run.should_stop, on_stage=serve, cache=cache)
 
 
 def _report(services: Services, run: TrainingRun, result: training.TrainingResult) -> dict:

@@ -92,9 +92,18 @@ class BackboneHolder:
     @property
     def passes(self) -> int:
         """Images this process has sent through the backbone (in every precision)."""
+        return sum(self.images_by_purpose().values())
+
+    def images_by_purpose(self) -> dict[str, int]:
+        """Images this process has sent through the backbone, in every precision, by purpose
+        ("training", "predict": `models.backbone.PURPOSES`)."""
+        counts = dict.fromkeys(("training", "predict"), 0)
         if self._backbone is None:
-            return 0
-        return self._backbone.passes + sum(other.passes for other in list(self._others.values()))
+            return counts
+        for backbone in (self._backbone, *list(self._others.values())):
+            for purpose, images in list(backbone.images.items()):
+                counts[purpose] = counts.get(purpose, 0) + images
+        return counts
 
     def get(self, wait: bool = False, precision: str | None = None):
         """The loaded backbone; with `wait`, blocks until loading has finished.

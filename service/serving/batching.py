@@ -162,8 +162,11 @@ class FeatureBatcher:
                     return batch
 
     def _run(self) -> None:
+        from models.backbone import counted_as  # NB: TensorFlow, loaded by now (after fork)
+
         try:
-            self._loop()
+            with counted_as("predict"):  # /metrics headstart_backbone_images_total{purpose}
+                self._loop()
         except BaseException as error:  # NB: a bug here must not hang every later request
             self.stopped_by = error
             log.critical("the batching thread stopped: %s: %s", type(error).__name__, error,

@@ -4,6 +4,7 @@
     classifiers/{id}/dataset.zip         the accepted images, in Headstart's own archive format
     classifiers/{id}/heads/{run}.npz     a training run's head weights (architecture rebuilt from code)
     classifiers/{id}/reports/{run}.json  that run's training report
+    classifiers/{id}/features.npz        the feature cache: backbone features by (image, view) key
     classifiers/{id}/exports/{run}/{format}.zip   an export of that run (a cache: rebuilt if lost)
     classifiers/{id}/exports/{run}/{format}.json  its build while there is no zip (jobs/export.py)
     active/{id}                          index: the classifier's job is queued, training or refining
@@ -186,6 +187,31 @@ class ClassifierStore:
 
     def load_head(self, record: ClassifierRecord) -> bytes:
         return self._get(record.id, f"heads/{record.run}.npz")
+
+    def load_features(self, classifier_id: str) -> tuple[bytes, str] | None:
+        """The feature cache object (`storage.features`) as (data, version tag), or None."""
+        try:
+            return self.blobs.get_versioned(self._key(classifier_id, "features.npz"))
+        except KeyError:
+            return None
+
+    def save_features(self, classifier_id: str, data: bytes, tag: str | None) -> str:
+        """Compare-and-set of the feature cache object (`tag` None: only if there is none);
+        returns the new tag. A classifier deleted meanwhile is purged again.
+
+        Raises:
+            PreconditionFailed: another run wrote it since `tag` was read.
+            NotFound: the classifier was deleted.
+        """
+        key = self._key(classifier_id, "features.npz")
+        try:
+            new_tag = self.blobs.put_if(key, data, tag)
+        except KeyError:  # removed since `tag` was read
+            raise PreconditionFailed(key) from None
+        if self.is_deleted(classifier_id):
+            self.purge(classifier_id)
+            raise NotFound(f"classifier {classifier_id} was deleted")
+        return new_tag
 
     def save_report(self, classifier_id: str, run: str, report: bytes) -> None:
         """A report is a JSON document; its schema belongs to the API (`schemas.Report`)."""

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         heads=HeadCache(_no_heads, capacity=1), runner=open_runner(settings), metrics=Metrics())
     services.backbone.start()
     services.backbone.get(wait=True)  # warm before taking a job; a failure has exited already
+    services.metrics.watch_backbone(services.backbone.images_by_purpose)
 
     app = celery_app(settings)
 

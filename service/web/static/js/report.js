@@ -117,6 +117,7 @@ function details(report) {
       backbone.features ? ["Features", h("code", {}, backbone.features)] : null,
       backbone.fingerprint ? ["Backbone fingerprint", h("code", {class: "wrap"}, backbone.fingerprint)] : null,
       report.device ? ["Device", `${report.device}${report.precision ? `, ${report.precision}` : ""}`] : null,
+      report.features ? ["Backbone passes", `${number(report.features.computed)} (image, view) features computed, ${number(report.features.from_cache)} read from the classifier's cache${report.features.note ? ` (${report.features.note})` : ""}`] : null,
       ...timings.map(([stage, seconds]) => [`Time: ${stage}`, `${number(seconds, 2)} s`]),
     ]),
     report.stages?.length ? table("Training stages (a later stage is served only when its validation loss is lower)",
