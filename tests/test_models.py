@@ -148,7 +148,7 @@ def test_the_augmented_stage_reuses_view_0_and_draws_the_same_views(backbone):
     staged = run.extract("augmented", views=2)
     assert backbone.passes - before == len(images) * 2
     at_once = extract_features(images, backbone, views=2, augmentation=config.augmentation,
-                               rng=np.random.default_rng(config.seed), batch_size=32)
+                               seed=config.seed, batch_size=32)
     assert first.shape == (6, 1, FEATURE_DIM) and staged.shape == (6, 3, FEATURE_DIM)
     np.testing.assert_array_equal(staged[:, 0], first[:, 0])
     np.testing.assert_allclose(staged, at_once, rtol=1e-5, atol=1e-5)

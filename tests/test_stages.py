@@ -109,9 +109,8 @@ def test_a_later_stage_replaces_the_served_head_only_when_its_loss_is_lower(
 
     def predict_each_commit(real, key, data, tag):
         new_tag = real(key, data, tag)
-        document = json.loads(data)
-        if is_record(key, classifier_id) and document["status"] == "ready" and \
-                document["run"] not in heads_served:
+        document = json.loads(data) if is_record(key, classifier_id) else {}
+        if document.get("status") == "ready" and document["run"] not in heads_served:
             heads_served.append(document["run"])
             prediction.predict(serving, serving.store.load_record(classifier_id), [RED], 2)
         return new_tag
