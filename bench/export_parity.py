@@ -86,6 +86,7 @@ def run(split: common.Split, weights: str, size: int, count: int, per_label: int
     import tensorflow as tf
     from PIL import Image
 
+    from models import calibration
     from models import export as export_lib
     from models.augmentation import Augmentation
     from models.backbone import load_backbone
@@ -112,9 +113,13 @@ def run(split: common.Split, weights: str, size: int, count: int, per_label: int
     print(f"head trained in {time.perf_counter() - started:.0f} s: {result.spec}",
           file=sys.stderr)
     photos = [path.read_bytes() for _, path in pick(split.test, count)]
-    service = class_scores(backbone, result.head, np.stack([load_image(d, size) for d in photos]))
+    raw = class_scores(backbone, result.head, np.stack([load_image(d, size) for d in photos]))
+    # NB: what predict answers: the head's scores calibrated by the classifier's temperature
+    service = calibration.softmax(calibration.logits_from_probabilities(raw),
+                                  result.trust.temperature).astype(np.float32)
     pixels = [np.asarray(decode_image(d), np.float32)[None] for d in photos]
-    model = export_lib.from_keras(backbone.model, result.head, size)
+    model = export_lib.from_keras(backbone.model, result.head, size,
+                                  temperature=result.trust.temperature)
 
     rows, notes = [], []
 

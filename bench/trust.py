@@ -28,7 +28,6 @@ same stratified validation split, the AUTO candidates by validation loss), then:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import common
-from bench.trust_features import OTHER, Features, _spread, cached_features
+from bench.trust_features import OTHER, Features, _spread, cached_features, parse_arguments
 from models.ood import FEATURE_PARTS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -450,18 +449,11 @@ def combined_rejection(default: dict, logits: dict, temperature: float, y_val, y
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.trust",
-                                     description=__doc__.split("\n\n")[0])
-    common.add_common_arguments(parser)
-    parser.add_argument("--cache", default="/tmp/headstart-trust",
-                        help="feature cache directory (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.limit_per_label is not None or args.image_size is not None:
-        raise common.BenchError("bench.trust runs full datasets at their own image sizes only")
-    shared, weights = common.prepare(args)
+    args, shared, weights, cache = parse_arguments("python -m bench.trust",
+                                                   __doc__.split("\n\n")[0], argv)
     summaries = []
     for name in common.dataset_names(args.datasets):
-        text, summary = run_dataset(name, shared, weights, Path(args.cache))
+        text, summary = run_dataset(name, shared, weights, cache)
         summaries.append(summary)
         print(text)
         if args.write:

@@ -56,6 +56,25 @@ class Features:
                        [str(s) for s in data["paths"]], [str(s) for s in data["hashes"]])
 
 
+def parse_arguments(prog: str, description: str, argv=None):
+    """The trust benchmarks' command line: the common arguments plus `--cache`.
+
+    Returns:
+        (args, shared dir, weights setting, cache dir).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    common.add_common_arguments(parser)
+    parser.add_argument("--cache", default="/tmp/headstart-trust",
+                        help="feature cache directory (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.limit_per_label is not None or args.image_size is not None:
+        raise common.BenchError(f"{prog} runs full datasets at their own image sizes only")
+    shared, weights = common.prepare(args)
+    return args, shared, weights, Path(args.cache)
+
+
 def _usable(examples, size: int) -> list[tuple[str, str, bytes]]:
     """(label, archive path, bytes) of the examples that decode, as the service would keep."""
     from models.preprocessing import ImageDecodeError, load_image

@@ -32,7 +32,7 @@ ECE_BINS = 15
 #: likelihood-optimal T towards 0 (ever more confident); the lower bound keeps it finite.
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 #: Reasons a prediction is rejected, as the API names them.
-LOW_CONFIDENCE = "low_confidence"
+BELOW_THRESHOLD = "below_threshold"
 OUT_OF_DISTRIBUTION = "out_of_distribution"
 
 
@@ -277,7 +277,7 @@ def decide(probabilities: np.ndarray, threshold: float = 0.0,
         if unusual[i]:
             decisions.append(Decision(-1, float(score[i]), True, OUT_OF_DISTRIBUTION))
         elif score[i] < threshold:
-            decisions.append(Decision(-1, float(score[i]), True, LOW_CONFIDENCE))
+            decisions.append(Decision(-1, float(score[i]), True, BELOW_THRESHOLD))
         else:
             decisions.append(Decision(int(top[i]), float(score[i]), False, None))
     return decisions

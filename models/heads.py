@@ -81,18 +81,35 @@ def trainable_parameters(model: keras.Model) -> int:
     return int(sum(np.prod(w.shape) for w in model.trainable_weights))
 
 
-def serialize_weights(model: keras.Model) -> bytes:
-    """All weights of a head (trainable and statistics) as an .npz, without pickles."""
+def serialize_weights(model: keras.Model, extra: dict[str, np.ndarray] | None = None) -> bytes:
+    """All weights of a head (trainable and statistics) as an .npz, without pickles.
+
+    Args:
+        extra: more named arrays for the same file (the classifier's `trust.*` data, a
+            fine-tuned classifier's `blocks.*`); their names must not start with "arr_".
+    """
+    extra = dict(extra or {})
+    if any(name.startswith("arr_") for name in extra):
+        raise ValueError(f"arr_* names are the head's own. Received: {sorted(extra)}")
     buffer = io.BytesIO()
-    np.savez(buffer, *model.get_weights())
+    np.savez(buffer, *model.get_weights(), **extra)
     return buffer.getvalue()
 
 
+def stored_arrays(data: bytes, prefix: str) -> dict[str, np.ndarray]:
+    """The named arrays of a head file whose names start with `prefix` (e.g. "trust.");
+    empty for a file written before they existed."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files if name.startswith(prefix)}
+
+
 def load_head(spec: HeadSpec, feature_dim: int, num_classes: int, data: bytes) -> keras.Model:
-    """Rebuilds a head from its spec and restores weights saved by `serialize_weights`."""
+    """Rebuilds a head from its spec and restores weights saved by `serialize_weights`
+    (the file's other named arrays are left to their readers)."""
     model = build_head(spec, feature_dim, num_classes)
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-        model.set_weights([archive[f"arr_{i}"] for i in range(len(archive.files))])
+        count = sum(name.startswith("arr_") for name in archive.files)
+        model.set_weights([archive[f"arr_{i}"] for i in range(count)])
     # NB: Normalization reads its statistics into constants only in finalize_state().
     model.get_layer("head_standardize").finalize_state()
     return model

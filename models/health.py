@@ -53,7 +53,8 @@ def exact_duplicates(paths: Sequence[str], hashes: Sequence[str], labels: np.nda
 
     Args:
         paths: archive path per image (n); hashes: `content_hash` per image (n).
-        labels: int (n,); validation: bool (n,), True for the validation split.
+        labels: int (n,); validation: bool (n,), True for the validation split, or int (n,)
+            the cross-validation fold of each image (copies in different folds leak).
 
     Returns:
         [{"paths", "labels", "across_split", "conflicting_labels"}], one per group of ≥ 2 files,
@@ -69,7 +70,7 @@ def exact_duplicates(paths: Sequence[str], hashes: Sequence[str], labels: np.nda
         found.append({
             "paths": [paths[i] for i in members],
             "labels": [label_names[labels[i]] for i in members],
-            "across_split": bool(len({bool(validation[i]) for i in members}) > 1),
+            "across_split": bool(len({validation[i].item() for i in members}) > 1),
             "conflicting_labels": bool(len({int(labels[i]) for i in members}) > 1),
         })
     return sorted(found, key=lambda entry: (not entry["across_split"],
@@ -103,7 +104,7 @@ def near_duplicates(paths: Sequence[str], features: np.ndarray, validation: np.n
 
     Args:
         paths: archive path per image (n); features: float32 (n, d), original images (no views).
-        validation: bool (n,); labels: int (n,).
+        validation: bool (n,), or int (n,) folds (see `exact_duplicates`); labels: int (n,).
         hashes: when given, pairs with equal hashes are left to `exact_duplicates`.
         threshold: cosine similarity (mean-centred features) from which a pair is reported.
 
@@ -217,7 +218,8 @@ def collapse_warning(labels: np.ndarray, predicted: np.ndarray,
 def dataset_health(paths: Sequence[str], labels: np.ndarray, label_names: Sequence[str], *,
                    hashes: Sequence[str], features: np.ndarray, validation: np.ndarray,
                    out_of_fold_probabilities: np.ndarray | None = None,
-                   validation_predicted: np.ndarray | None = None) -> dict:
+                   validation_predicted: np.ndarray | None = None,
+                   folds: np.ndarray | None = None) -> dict:
     """The report's "health" field.
 
     Args:
@@ -228,6 +230,9 @@ def dataset_health(paths: Sequence[str], labels: np.ndarray, label_names: Sequen
         validation: bool (n,) True for images in the validation split.
         out_of_fold_probabilities: float (n, k) out-of-fold head probabilities; None skips
             `suspected_mislabels` (and says so).
+        folds: int (n,) each image's cross-validation fold, when validation is by folds (every
+            image then is a validation image once): copies in different folds are
+            `across_split`, since one trains the head that scores the other.
         validation_predicted: int (n_validation,) the served head's labels for the validation
             images, in the order of `np.flatnonzero(validation)`; None skips the collapse check.
 
@@ -241,8 +246,11 @@ def dataset_health(paths: Sequence[str], labels: np.ndarray, label_names: Sequen
         raise ValueError("paths, labels, hashes, features and validation must have one entry "
                          f"per image. Received lengths: {len(paths)}, {len(labels)}, "
                          f"{len(hashes)}, {len(features)}, {len(validation)}")
-    duplicates = exact_duplicates(paths, hashes, labels, label_names, validation)
-    near = near_duplicates(paths, features, validation, labels, label_names, hashes=hashes)
+    split = validation if folds is None else np.asarray(folds, dtype=int)
+    if len(split) != len(paths):
+        raise ValueError(f"folds must have one entry per image. Received: {len(split)}")
+    duplicates = exact_duplicates(paths, hashes, labels, label_names, split)
+    near = near_duplicates(paths, features, split, labels, label_names, hashes=hashes)
     mislabels = (suspected_mislabels(paths, labels, label_names, out_of_fold_probabilities)
                  if out_of_fold_probabilities is not None else [])
     balance = imbalance(labels, label_names)
@@ -250,8 +258,8 @@ def dataset_health(paths: Sequence[str], labels: np.ndarray, label_names: Sequen
     leaks = sum(entry["across_split"] for entry in duplicates + near)
     if leaks:
         warnings.append(
-            f"{leaks} image(s) in validation have an exact or near copy in training: validation "
-            "accuracy is inflated. Remove one copy of each (see duplicates and near_duplicates, "
+            f"{leaks} group(s) of copies sit on both sides of validation (an exact or near copy "
+            "in training of an image in validation): validation accuracy is inflated. Remove one copy of each (see duplicates and near_duplicates, "
             "across_split).")
     contradictions = sum(entry["conflicting_labels"] for entry in duplicates)
     if contradictions:

@@ -79,6 +79,22 @@ AUTO_HEADS: tuple[HeadOptions, ...] = (
 )
 
 
+class RejectOptions(Strict):
+    """When predict answers "not recognised" (`"label": null, "rejected": true`) instead of a
+    label. Scores are calibrated (temperature scaling on the out-of-fold scores) either way."""
+
+    target_precision: float | None = Field(
+        None, gt=0, le=1,
+        description="Choose the classifier's default threshold on its calibrated out-of-fold "
+                    "scores: the lowest top score at which the predictions that pass reach this "
+                    "precision; predictions below it are rejected (reason below_threshold). "
+                    "null: threshold 0 (only ?threshold= rejects by score)")
+    out_of_distribution: bool = Field(
+        True, description="Reject images unlike every training image (reason "
+                          "out_of_distribution): nearest-neighbour distance of their backbone "
+                          "features, thresholded to keep 97 % of in-distribution images")
+
+
 class TrainingOptions(Strict):
     """The `options` part of a create request. Every field is optional."""
 
@@ -100,6 +116,12 @@ class TrainingOptions(Strict):
         "auto", description='"auto" picks the head by k-fold cross-validation among linear heads '
                             "(L2 1e-4 to 10) and one hidden layer, preferring the smallest within "
                             "one standard error of the best; or a fixed head")
+    reject: RejectOptions | Literal["off"] = Field(
+        default_factory=RejectOptions,
+        description='Rejection: {"target_precision": p} sets a default threshold for a '
+                    'precision, {"out_of_distribution": false} turns the out-of-distribution '
+                    'check off; "off" turns both off (scores stay calibrated, ?threshold= still '
+                    "applies). Default: no score threshold, out-of-distribution check on")
 
 
 class TrainingConfig(TrainingOptions):

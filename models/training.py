@@ -7,6 +7,8 @@ small head chosen by cross-validation (the one-standard-error rule prefers the s
 heads that validation cannot tell apart). The backbone runs exactly once per (image, view);
 every candidate, fold and epoch trains on the cached feature vectors. No image is held out of
 the served head: it is refitted on all of them, and the validation metrics are out of fold.
+`assess` then fits the head's trust data (temperature, default threshold, OOD reference) on the
+out-of-fold scores and checks the dataset's health: once per trained head, so once per stage.
 
 Staged training (`STAGES`): "preview" trains on the un-augmented view only (one backbone pass
 per image) with the exact logistic-regression candidates, so a first head exists soon after one
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 import keras
 import numpy as np
 
-from models import fitting
+from models import fitting, health, trust
 from models.backbone import Backbone
 from models.diagnosis import diagnose
 from models.evaluation import cross_entropy, evaluate
@@ -58,6 +60,8 @@ class TrainingResult:
         spec: the chosen head; head: the Keras head refitted on every image.
         report: JSON-ready (see `train_classifier`).
         selection: every candidate's cross-validation.
+        trust: the head's calibration, default threshold and OOD detector (`models.trust`),
+            stored in its head file.
         stage: the stage that made it ("preview", "augmented", …; see `STAGES`).
         val_loss: its out-of-fold validation loss (unrounded): what stages are compared on.
         stages: one summary per stage run so far, in order (see `StageSummary`).
@@ -67,6 +71,7 @@ class TrainingResult:
     head: keras.Model
     report: dict
     selection: Selection
+    trust: trust.Trust | None = None
     stage: str = "augmented"
     val_loss: float = float("nan")
     stages: tuple[dict, ...] = ()
@@ -89,6 +94,8 @@ class StagedRun:
     on_progress: ProgressCallback
     should_stop: StopCheck
     cache: FeatureCache | None = None
+    paths: Sequence[str] | None = None
+    hashes: Sequence[str] | None = None
     started: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
     #: float32 (n, 1 + views, feature_dim): the views extracted so far (None before the first).
@@ -122,7 +129,8 @@ class StagedRun:
         return train_on_features(features, self.labels, self.label_names, self.config,
                                  timings=dict(self.timings), heads=heads, folds=self.folds,
                                  stage=stage, on_progress=self.progress(stage),
-                                 should_stop=self.should_stop)
+                                 should_stop=self.should_stop, paths=self.paths,
+                                 hashes=self.hashes)
 
 
 def preview_heads(config: TrainingConfig) -> tuple[HeadOptions, ...]:
@@ -160,7 +168,9 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
                      should_stop: StopCheck = lambda: False,
                      on_stage: StageCallback = lambda result: None,
                      stages: Sequence[tuple[str, Stage]] | None = None,
-                     cache: FeatureCache | None = None) -> TrainingResult:
+                     cache: FeatureCache | None = None,
+                     paths: Sequence[str] | None = None,
+                     hashes: Sequence[str] | None = None) -> TrainingResult:
     """Trains a head for a labeled image set, stage by stage (`STAGES`).
 
     Args:
@@ -178,19 +188,26 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
         stages: the stages to run (default `STAGES`, read when called).
         cache: feature rows of earlier runs (`features.FeatureCache`): the backbone runs only
             for the (image, view) pairs it lacks, and they are added to it.
+        paths: each image's archive path, for the report's "health" (default: "image {i}").
+        hashes: each file's `health.content_hash` (default: computed here).
 
     Returns:
         The best stage's result (the last one given to `on_stage`), its `stages` summarising
         every stage. Its report: "stage", "m" (images, all of them both trained on and
         validated out of fold), "d", "d_over_m", "diagnosis", "head", "selection", "history"
         and "best_epoch" / "stopped_early" (of the chosen head's folds), "train_accuracy" (the
-        refit on its own images), "validation" (out of fold) and "timings_s" (decode and
-        features so far, this stage's selection and head = the refit).
+        refit on its own images), "validation" (out of fold), "timings_s" (decode and
+        features so far, this stage's selection, head = the refit, and trust), and
+        "calibration", "threshold", "rejection", "ood", "health" (`trust.assess`).
     """
+    if hashes is None:
+        hashes = [health.content_hash(image) for image in images]
+    if paths is None:
+        paths = [f"image {i}" for i in range(len(images))]
     labels = np.asarray(labels, dtype=int)
     folds = stratified_folds(labels, fold_count(labels, config.validation_split), config.seed)
     run = StagedRun(images, labels, label_names, backbone, config, folds, on_progress,
-                    should_stop, cache)
+                    should_stop, cache, paths, hashes)
     best: TrainingResult | None = None
     summaries: list[dict] = []
     for _name, stage in STAGES if stages is None else stages:
@@ -224,7 +241,9 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
                       heads: Sequence[HeadOptions] | None = None,
                       folds: np.ndarray | None = None, stage: str = "augmented",
                       on_progress: ProgressCallback = lambda progress: None,
-                      should_stop: StopCheck = lambda: False) -> TrainingResult:
+                      should_stop: StopCheck = lambda: False,
+                      paths: Sequence[str] | None = None,
+                      hashes: Sequence[str] | None = None) -> TrainingResult:
     """Chooses, refits and reports a head on cached features: one stage of `train_classifier`
     after the backbone. Everything done to a chosen head (refit, report) happens here, once
     per stage.
@@ -239,6 +258,7 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
         folds: int (n,) fold per image (default: `stratified_folds` of the config's split).
         stage: the stage this is, for the result and report.
         on_progress, should_stop: as for `train_classifier`.
+        paths, hashes: per image, for the report's "health" (null without both).
 
     Returns:
         As `train_classifier` (with `stages` empty).
@@ -272,6 +292,11 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
                              epochs=chosen.best_epoch, build=True, on_epoch=on_epoch,
                              should_stop=should_stop)
     timings["head"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    assessment = assess(features[:, 0], labels, label_names, chosen.out_of_fold, folds, config,
+                        paths=paths, hashes=hashes)
+    timings["trust"] = time.perf_counter() - start
 
     validation = evaluate(chosen.out_of_fold, labels, label_names)
     training = evaluate(np.asarray(refit.model.predict_on_batch(features[:, 0])), labels,
@@ -310,7 +335,25 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
         "train_accuracy": training["accuracy"],
         "validation": validation,
         "timings_s": {name: round(value, 3) for name, value in timings.items()},
+        **assessment.report,
     }
-    return TrainingResult(chosen.spec, refit.model, report, selection, stage=stage,
-                          val_loss=cross_entropy(chosen.out_of_fold, labels))
+    return TrainingResult(chosen.spec, refit.model, report, selection, assessment.trust,
+                          stage=stage, val_loss=cross_entropy(chosen.out_of_fold, labels))
+
+
+def assess(features: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
+           out_of_fold: np.ndarray, folds: np.ndarray, config: TrainingConfig, *,
+           paths: Sequence[str] | None = None,
+           hashes: Sequence[str] | None = None) -> trust.Assessment:
+    """Trust and health of one trained head under the run's `reject` option (`trust.assess`).
+
+    Args:
+        features: float32 (n, feature_dim) view 0 of every image; out_of_fold: float (n, k);
+            folds: int (n,); the rest as for `train_on_features`.
+    """
+    reject = config.reject
+    return trust.assess(
+        features, labels, label_names, out_of_fold, folds, paths=paths, hashes=hashes,
+        target_precision=None if reject == "off" else reject.target_precision,
+        out_of_distribution=reject != "off" and reject.out_of_distribution)
 

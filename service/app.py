@@ -32,7 +32,7 @@ from service.jobs.export import export_builder
 from service.jobs.services import Services
 from service.metrics import Metrics
 from service.serving.backbone import BackboneHolder, batching_options, load_configured_backbone
-from service.serving.heads import HeadCache
+from service.serving.heads import HeadCache, ServedHead, load_served_head
 from service.storage.blobs import LocalBlobStore
 from service.storage.classifiers import ClassifierStore
 
@@ -144,11 +144,8 @@ def _start_sweeper(services: Services) -> None:
     threading.Thread(target=sweep, name="lost-job-sweeper", daemon=True).start()
 
 
-def _load_head(store: ClassifierStore, backbone: BackboneHolder, record):
-    from models.heads import HeadSpec, load_head  # NB: Keras, after fork
-
-    spec = HeadSpec(**record.head.model_dump())
-    return load_head(spec, backbone.get().feature_dim, len(record.labels), store.load_head(record))
+def _load_head(store: ClassifierStore, backbone: BackboneHolder, record) -> ServedHead:
+    return load_served_head(record, store.load_head(record), backbone.get().feature_dim)
 
 
 def _instrument(app: Flask, metrics: Metrics) -> None:

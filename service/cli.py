@@ -180,10 +180,11 @@ def show(session: Session, classifier_id: str) -> None:
 @json_option
 @pass_session
 def report(session: Session, classifier_id: str) -> None:
-    """Show the training report: d, m, d/m, scores.
+    """Show the training report: d, m, d/m, scores, calibration, dataset health.
 
     Validation accuracy, d (trainable parameters), m (training examples), d/m and its
-    diagnosis, the best epoch, per-label precision, recall and F1, the confusion matrix.
+    diagnosis, the best epoch, per-label precision, recall and F1, the confusion matrix, the
+    calibration and default threshold, and what the dataset health check found.
     """
     _print(session, session.client().report(classifier_id), _report_lines)
 
@@ -218,7 +219,8 @@ def predict(session: Session, classifier_id: str, files: tuple[str, ...], top_k:
         rows = []
         for image, prediction in zip(images, document["predictions"]):
             label = prediction.get("label")
-            shown = label if label is not None else f"- ({prediction.get('reason', 'rejected')})"
+            shown = label if label is not None else \
+                f"not recognised: {prediction.get('reason') or 'rejected'}"
             others = ", ".join(f"{entry['label']} {entry['score']:.3f}"
                                for entry in prediction.get("top_k", [])[1:])
             rows.append((str(image), shown, f"{prediction['score']:.3f}", others))
@@ -367,6 +369,39 @@ def _report_lines(report: dict[str, Any]) -> list[str]:
     matrix = report["validation"]["confusion_matrix"]
     lines += ["", "confusion matrix (rows: true label, columns: predicted)"]
     lines += _table(("", *labels), [(label, *map(str, row)) for label, row in zip(labels, matrix)])
+    return lines + _trust_lines(report)
+
+
+def _trust_lines(report: dict[str, Any]) -> list[str]:
+    """Calibration, the default threshold and the health findings, with their paths."""
+    lines = []
+    calibration = report.get("calibration")
+    if calibration:
+        ood = report.get("ood") or {}
+        lines += [""] + _pairs([
+            ("calibration", f"temperature {calibration['temperature']:.3f}, ECE "
+                            f"{calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f}"),
+            ("threshold", f"{report.get('threshold') or 0:.3f} (default for predict)"),
+            ("out of distribution", f"{ood.get('method')} (threshold {ood['threshold']:.4f})"
+                                    if ood.get("enabled") else "not checked")])
+    health = report.get("health")
+    if not health:
+        return lines
+    lines += ["", "dataset health:"]
+    for group in health["duplicates"]:
+        leak = " (train and validation: leakage)" if group["across_split"] else ""
+        lines.append(f"  duplicate{leak}: {', '.join(group['paths'])}")
+    for pair in health["near_duplicates"]:
+        leak = " (train and validation: leakage)" if pair["across_split"] else ""
+        lines.append(f"  near duplicate{leak}: {', '.join(pair['paths'])} "
+                     f"(similarity {pair['similarity']:.3f})")
+    for entry in health["suspected_mislabels"]:
+        lines.append(f"  mislabeled?: {entry['path']} is in {entry['given']}, looks like "
+                     f"{entry['predicted']} ({entry['confidence']:.2f})")
+    balance = health["imbalance"]
+    lines.append("  images per label: " + ", ".join(f"{label} {count}" for label, count
+                                                    in balance["per_label"].items()))
+    lines += [f"  - {warning}" for warning in health["warnings"]] or ["  no problems found"]
     return lines
 
 

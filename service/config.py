@@ -66,6 +66,9 @@ class Settings(BaseSettings):
                                          "CPU one upload costs")
     max_labels: int = Field(1_000, ge=2, description="Most labels (top-level folders) in a dataset")
     max_predict_images: int = Field(64, gt=0, description="Most images in one predict request")
+    max_suggest_images: int = Field(
+        1_000, gt=0, description="Most images in one suggest request's zip (scored a predict "
+                                 "request's worth at a time)")
     max_predict_bytes: int = Field(
         64 * 1024**2, gt=0, description="Largest predict request body (its own limit, below "
                                         "max_upload_bytes)")

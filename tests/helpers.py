@@ -38,6 +38,15 @@ def image_bytes(colour=(128, 128, 128), size=(40, 32), fmt="PNG", seed=0, mode="
     return buffer.getvalue()
 
 
+def checkerboard(size=32, square=4) -> bytes:
+    """Nothing like a noisy single-colour photo: black and white squares."""
+    y, x = np.indices((size, size)) // square
+    pixels = np.where(((x + y) % 2)[..., None] == 1, 255, 0).astype(np.uint8).repeat(3, axis=2)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def make_zip(members: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:

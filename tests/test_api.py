@@ -152,6 +152,7 @@ def test_top_k_limits_the_list(client, ready_classifier):
 
 def test_a_training_image_scores_the_same_over_http_as_in_process(app, client, ready_classifier):
     """The invariant: training and serving preprocess an image identically."""
+    from models import calibration
     from models.heads import HeadSpec, load_head
     from models.prediction import class_scores
     from models.preprocessing import load_image
@@ -166,7 +167,10 @@ def test_a_training_image_scores_the_same_over_http_as_in_process(app, client, r
     record = services.store.load_record(classifier_id)
     head = load_head(HeadSpec(**record.head.model_dump()), FEATURE_DIM, 2,
                      services.store.load_head(record))
-    expected = class_scores(backbone, head, load_image(image.data, 32)[None])[0]
+    raw = class_scores(backbone, head, load_image(image.data, 32)[None])
+    # NB: the service's scores are calibrated: the head's logits divided by its temperature
+    expected = calibration.softmax(calibration.logits_from_probabilities(raw),
+                                   services.heads.get(record).trust.temperature)[0]
     response = client.post(f"/v1/classifiers/{classifier_id}/predict",
                            data={"image": (io.BytesIO(image.data), "train.png")},
                            content_type="multipart/form-data")

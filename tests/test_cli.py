@@ -20,10 +20,11 @@ from service import cli
 from service.client import (DEFAULT_URL, Event, Multipart, dataset_files, expand_images,
                             parse_events, zip_stream)
 from tools.localservers import free_port
-from tests.helpers import dataset_zip, labelled_images
+from tests.helpers import checkerboard, dataset_zip, labelled_images
 from tests.live import ADMIN_KEY, PREDICT_KEY, start_server
 
 HEADSTART = Path(sys.executable).parent / "headstart"
+ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {"max_epochs": 20, "augmentation": {"views": 1},
            "head": {"hidden_units": 0, "dropout": 0.1, "l2": 0.001}}
 
@@ -34,7 +35,8 @@ def headstart(*args: str, url: str, key: str | None = ADMIN_KEY, timeout: float 
     assert HEADSTART.exists(), f"{HEADSTART} is missing: `pip install -e .` installs the CLI"
     environment = {name: value for name, value in os.environ.items()
                    if not name.startswith("HEADSTART_")}
-    environment.update({"HEADSTART_URL": url, **env})
+    # NB: the console script may be installed from another checkout: import this one's code
+    environment.update({"HEADSTART_URL": url, "PYTHONPATH": str(ROOT), **env})
     if key:
         environment["HEADSTART_API_KEY"] = key
     return subprocess.run([str(HEADSTART), *args], capture_output=True, text=True,
@@ -146,6 +148,30 @@ def test_predict_expands_globs_and_batches_32_to_a_request(server, created, phot
     one = headstart("predict", classifier_id, files[0], "--json", url=server.url)
     document = json.loads(one.stdout)
     assert document["classifier_id"] == classifier_id and len(document["predictions"]) == 1
+
+
+def test_predict_shows_rejection_and_report_shows_calibration_and_health(server, created,
+                                                                         tmp_path):
+    classifier_id, _ = created
+    board = tmp_path / "board.png"
+    board.write_bytes(checkerboard())
+    answers = headstart("predict", classifier_id, str(board), "--top-k", "2", url=server.url,
+                        key=PREDICT_KEY)
+    assert answers.returncode == 0, answers.stderr
+    row = answers.stdout.splitlines()[1].split()
+    assert row[:3] == [str(board), "not", "recognised:"] and row[3] == "out_of_distribution"
+    assert row[5] in ("red", "blue")  # top_k is kept
+    shown = headstart("report", classifier_id, url=server.url)
+    assert shown.returncode == 0, shown.stderr
+    fields = dict(line.split(None, 1) for line in shown.stdout.splitlines()
+                  if line.startswith(("calibration ", "threshold ")))
+    report = httpx.get(f"{server.url}/v1/classifiers/{classifier_id}/report",
+                       headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()
+    assert fields["calibration"].startswith(
+        f"temperature {report['calibration']['temperature']:.3f}, ECE ")
+    assert fields["threshold"].startswith(f"{report['threshold']:.3f}")
+    assert "dataset health:" in shown.stdout
+    assert "  images per label: blue 20, red 20" in shown.stdout.splitlines()
 
 
 def test_export_waits_for_the_build_then_writes_the_zip(server, created, tmp_path):

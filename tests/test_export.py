@@ -345,7 +345,8 @@ def service_scores(client, classifier) -> tuple[list[bytes], np.ndarray]:
     return images, scores
 
 
-def test_every_export_holds_model_labels_card_and_readme(exports, classifier):
+def test_every_export_holds_model_labels_card_and_readme(client, exports, classifier):
+    report = client.get(f"/v1/classifiers/{classifier['id']}/report").json
     for name, archive in exports.items():
         names = archive.namelist()
         assert {"labels.json", "model-card.json", "README.md"} <= set(names)
@@ -358,7 +359,10 @@ def test_every_export_holds_model_labels_card_and_readme(exports, classifier):
         assert card["options"]["max_epochs"] == FAST["max_epochs"]
         assert card["metrics"]["val_accuracy"] == classifier["metrics"]["val_accuracy"]
         assert card["validation"]["per_label"].keys() == set(LABELS)
-        assert card["threshold"] is None and card["calibration"] is None
+        assert card["threshold"] == report["threshold"] == classifier["threshold"]
+        assert card["calibration"] == report["calibration"]
+        assert card["temperature"] == pytest.approx(report["calibration"]["temperature"],
+                                                    abs=1e-4)
         assert card["made_by"]["precision"] == "float32"
         readme = archive.read("README.md").decode()
         assert export_lib.MODEL_PATHS[name] in readme and "labels.json" in readme

@@ -270,6 +270,7 @@ def _train(client) -> dict:
 
 
 def _expected_scores(backbone, app, record_id: str, image: bytes) -> np.ndarray:
+    from models import calibration
     from models.heads import HeadSpec, load_head
     from models.prediction import class_scores
     from models.preprocessing import load_image
@@ -278,7 +279,10 @@ def _expected_scores(backbone, app, record_id: str, image: bytes) -> np.ndarray:
     record = store.load_record(record_id)
     head = load_head(HeadSpec(**record.head.model_dump()), backbone.feature_dim,
                      len(record.labels), store.load_head(record))
-    return class_scores(backbone, head, load_image(image, 32)[None])[0]
+    raw = class_scores(backbone, head, load_image(image, 32)[None])
+    # NB: predict's scores are calibrated by the head file's temperature
+    temperature = app.extensions["headstart"].heads.get(record).trust.temperature
+    return calibration.softmax(calibration.logits_from_probabilities(raw), temperature)[0]
 
 
 def _predict(client, classifier_id: str, image: bytes) -> dict:

@@ -124,7 +124,7 @@ def test_decide_rejects_out_of_distribution_first_then_low_confidence():
     decisions = calibration.decide(p, threshold=0.6, ood_scores=np.array([1.0, 1.0, 9.0]),
                                    ood_threshold=5.0)
     assert [(d.label, d.rejected, d.reason) for d in decisions] == [
-        (0, False, None), (-1, True, calibration.LOW_CONFIDENCE),
+        (0, False, None), (-1, True, calibration.BELOW_THRESHOLD),
         (-1, True, calibration.OUT_OF_DISTRIBUTION)]
     assert decisions[2].score == pytest.approx(0.99)
     assert [d.rejected for d in calibration.decide(p)] == [False, False, False]
@@ -446,16 +446,101 @@ def test_fit_trust_rejects_foreign_images_and_survives_storage():
     fitted = trust.fit_trust(features[train], labels[train], features[validation],
                              head(features[validation]), labels[validation])
     report = fitted.report()
-    assert set(report) == {"calibration", "threshold", "ood"}
-    assert report["ood"]["method"] == "knn"
+    assert set(report) == {"calibration", "threshold", "rejection", "ood"}
+    assert report["ood"]["method"] == "knn" and report["threshold"] == 0.0
     queries = np.concatenate([features[validation][:5], foreign[:5]])
     calibrated, decisions = trust.decide(fitted, queries, head(queries))
     assert calibrated.shape == (10, 2)
     assert [d.rejected for d in decisions] == [False] * 5 + [True] * 5
     assert {d.reason for d in decisions[5:]} == {calibration.OUT_OF_DISTRIBUTION}
     _, strict = trust.decide(fitted, queries[:5], head(queries[:5]), threshold=1.0)
-    assert all(d.reason == calibration.LOW_CONFIDENCE for d in strict if d.score < 1.0)
+    assert all(d.reason == calibration.BELOW_THRESHOLD for d in strict if d.score < 1.0)
     restored = trust.from_bytes(trust.to_bytes(fitted))
     assert restored.report() == report
     again, decisions_again = trust.decide(restored, queries, head(queries))
     assert again == pytest.approx(calibrated) and decisions_again == decisions
+
+
+def _two_prototypes(seed: int, n: int):
+    rng = np.random.default_rng(seed)
+    prototypes = rng.random((2, 2048)) ** 4
+    labels = np.repeat([0, 1], n // 2)
+    features = (prototypes[labels] + 0.05 * rng.random((n, 2048))).astype(np.float32)
+    foreign = (rng.random((10, 2048)) ** 4).astype(np.float32)
+    return prototypes, labels, features, foreign
+
+
+def test_fit_for_head_sets_the_ood_threshold_from_leave_one_out_and_stores_as_named_arrays():
+    _, labels, features, foreign = _two_prototypes(17, 60)
+    out_of_fold = np.where(labels[:, None] == np.arange(2), 0.8, 0.2)  # right, 0.8 sure
+    fitted = trust.fit_for_head(features, labels, out_of_fold, target_precision=0.9)
+    # Every image is in the reference: its own distance is 0, so only leave-one-out counts.
+    loo = fitted.detector.arrays["training_scores"]
+    assert fitted.detector.threshold == pytest.approx(ood.conformal_threshold(loo))
+    assert fitted.detector.threshold > 0
+    _, decisions = trust.decide(fitted, np.concatenate([features[:3], foreign[:3]]),
+                                np.full((6, 2), 0.5) + [[0.3, -0.3]] * 6)
+    assert [d.reason for d in decisions] == [None] * 3 + [calibration.OUT_OF_DISTRIBUTION] * 3
+    assert fitted.temperature < 1  # 0.8 sure and always right: underconfident, sharpened
+    arrays = trust.to_arrays(fitted)
+    assert all(name.startswith(trust.PREFIX) for name in arrays)
+    assert trust.from_arrays({"arr_0": np.zeros(3), **arrays}).report() == fitted.report()
+    assert trust.from_arrays({"arr_0": np.zeros(3)}) is None  # a head file from before
+
+
+def test_without_trust_nothing_is_rejected_unless_a_threshold_is_asked_for():
+    probabilities = np.array([[0.6, 0.4], [0.95, 0.05]])
+    scored = trust.score(None, np.zeros((2, 2048), np.float32), probabilities)
+    assert scored[:, :2] == pytest.approx(probabilities)  # temperature 1
+    assert [d.rejected for d in trust.decisions(None, scored)] == [False, False]
+    assert [d.reason for d in trust.decisions(None, scored, threshold=0.9)] == [
+        calibration.BELOW_THRESHOLD, None]
+
+
+def test_reject_off_fits_no_detector():
+    _, labels, features, foreign = _two_prototypes(19, 20)
+    fitted = trust.fit_for_head(features, labels, np.full((20, 2), 0.5), method=None)
+    assert fitted.detector is None and fitted.report()["ood"] == {"enabled": False}
+    _, decisions = trust.decide(fitted, foreign, np.full((10, 2), 0.5))
+    assert not any(d.rejected for d in decisions)
+    assert trust.from_bytes(trust.to_bytes(fitted)).detector is None
+
+
+def test_assess_reports_copies_in_different_folds_as_across_split_with_their_paths():
+    _, labels, features, _ = _two_prototypes(23, 8)
+    features[1] = features[0]
+    paths = [f"{'ab'[label]}/{i}.png" for i, label in enumerate(labels)]
+    hashes = [f"h{i}" for i in range(8)]
+    hashes[1] = hashes[0]
+    folds = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    same_fold = folds.copy()
+    same_fold[1] = 0
+    out_of_fold = np.where(labels[:, None] == np.arange(2), 0.9, 0.1)
+    leaked = trust.assess(features, labels, ["a", "b"], out_of_fold, folds, paths=paths,
+                          hashes=hashes).report["health"]
+    assert leaked["duplicates"] == [{"paths": ["a/0.png", "a/1.png"], "labels": ["a", "a"],
+                                     "across_split": True, "conflicting_labels": False}]
+    assert any("validation accuracy is inflated" in warning for warning in leaked["warnings"])
+    kept = trust.assess(features, labels, ["a", "b"], out_of_fold, same_fold, paths=paths,
+                        hashes=hashes).report["health"]
+    assert kept["duplicates"][0]["across_split"] is False
+    assert trust.assess(features, labels, ["a", "b"], out_of_fold, folds).report["health"] is None
+
+
+def test_the_head_file_holds_the_weights_and_the_trust_arrays_side_by_side():
+    from models.heads import build_head, load_head, serialize_weights, stored_arrays
+    from models.options import HeadOptions
+
+    spec = HeadOptions(hidden_units=0, dropout=0.0, l2=0.1)
+    head = build_head(spec, 8, 2)
+    head.get_layer("head_standardize").adapt(np.random.default_rng(0).random((16, 8)))
+    _, labels, features, _ = _two_prototypes(29, 10)
+    fitted = trust.fit_for_head(features, labels, np.full((10, 2), 0.5))
+    data = serialize_weights(head, trust.to_arrays(fitted))
+    restored = load_head(spec, 8, 2, data)
+    for saved, loaded in zip(head.get_weights(), restored.get_weights()):
+        np.testing.assert_array_equal(saved, loaded)
+    assert trust.from_arrays(stored_arrays(data, trust.PREFIX)).report() == fitted.report()
+    assert stored_arrays(serialize_weights(head), trust.PREFIX) == {}  # a head file from before
+    with pytest.raises(ValueError, match="arr_"):
+        serialize_weights(head, {"arr_0": np.zeros(1)})

@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from pathlib import Path
 import pytest
 
 from tools.localservers import free_port
-from tests.helpers import COLOURS, dataset_zip, image_bytes, labelled_images, multipart
+from tests.helpers import (COLOURS, checkerboard, dataset_zip, image_bytes, labelled_images,
+                           make_zip, multipart)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "docs" / "screenshots"
@@ -387,6 +389,60 @@ def test_axe_finds_no_serious_violations(server, trained, page):
     assert_accessible(page)
     page.get_by_test_id("delete-button").click()
     expect(page.get_by_role("dialog")).to_be_visible()
+    assert_accessible(page)
+
+
+def test_the_report_shows_health_and_calibration_and_try_it_shows_rejection(server, page):
+    """A planted copy in two folds (8 folds of one image per label each), then an image unlike
+    any training image, and a threshold of 1."""
+    from playwright.sync_api import expect
+
+    members = labelled_images(8)
+    members["red/7.png"] = members["red/0.png"]
+    # NB: a red image filed as blue keeps the out-of-fold scores imperfect, so the temperature
+    # stays moderate and no training image scores 1.
+    members["blue/7.png"] = image_bytes(COLOURS["red"], seed=77)
+    options = {**FAST, "validation_split": 0.125}
+    body, content_type = multipart({"dataset": [("toys.zip", make_zip(members))],
+                                    "options": json.dumps(options)})
+    status, answer = call("POST", server + "/v1/classifiers", body, content_type)
+    assert status == 202, answer
+    classifier_id = json.loads(answer)["id"]
+    wait_ready(server, classifier_id)
+    page.goto(f"{server}/#/classifiers/{classifier_id}")
+
+    health = page.get_by_test_id("health")
+    expect(health).to_be_visible(timeout=WAIT_MS)
+    duplicates = page.get_by_test_id("health-duplicates")
+    expect(duplicates.locator("tbody tr")).to_have_count(1)
+    expect(duplicates.locator("tbody tr")).to_contain_text("red/0.png, red/7.png")
+    expect(duplicates.locator("tbody tr")).to_contain_text("yes: in training and validation")
+    expect(page.get_by_test_id("health-warnings")).to_contain_text(
+        "validation accuracy is inflated")
+    expect(page.get_by_test_id("health-imbalance")).to_contain_text("blue 8, red 8")
+    calibration = page.get_by_test_id("calibration")
+    expect(calibration).to_contain_text("Temperature")
+    expect(calibration).to_contain_text("Default threshold")
+    screenshot(page, "health.png", page.locator("[data-testid=health], [data-testid=calibration]").first)
+
+    page.get_by_test_id("try-input").set_input_files(
+        {"name": "board.png", "mimeType": "image/png", "buffer": checkerboard()})
+    verdict = page.get_by_test_id("verdict")
+    expect(verdict).to_have_attribute("data-reason", "out_of_distribution")
+    expect(verdict).to_contain_text("Not recognised: out_of_distribution")
+    expect(page.get_by_test_id("prediction")).to_have_count(2)  # top_k is kept
+
+    training_image = members["red/3.png"]
+    page.get_by_test_id("threshold-input").fill("1")
+    page.get_by_test_id("try-input").set_input_files(
+        {"name": "red.png", "mimeType": "image/png", "buffer": training_image})
+    expect(verdict).to_have_attribute("data-reason", "below_threshold")
+    expect(verdict).to_contain_text("Not recognised: below_threshold")
+    page.get_by_test_id("threshold-input").fill("")
+    page.get_by_test_id("try-input").set_input_files(
+        {"name": "red-again.png", "mimeType": "image/png", "buffer": training_image})
+    expect(verdict).to_have_text(re.compile(r"^red · "))
+    screenshot(page, "try-rejected.png", page.locator("section:has([data-testid=try-input])"))
     assert_accessible(page)
 
 

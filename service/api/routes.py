@@ -12,7 +12,8 @@ from service.api.openapi import documented
 from service.api.auth import ADMIN, PREDICT, ApiKey, authorize
 from service.api.schemas import (AuthOut, Classifier, ClassifierList, EventsQuery, LabelScore, ListQuery,
                                  Prediction, PredictionResponse, PredictQuery, PredictRequest,
-                                 Report, TrainingOptions)
+                                 Report, SkippedFileOut, Suggestion, SuggestQuery, SuggestResponse,
+                                 TrainingOptions)
 from service.errors import BadRequest, Forbidden, PayloadTooLarge, Unprocessable
 from service.api.schemas import ExportJob, ExportQuery
 from service.jobs import classifiers, events, export, prediction
@@ -197,9 +198,13 @@ def classifier_events(classifier_id: str):
 def predict(classifier_id: str):
     """Classify one or more images.
 
-    Send multipart `image` parts, or JSON `{"instances": [{"b64": "..."}]}`.
+    Send multipart `image` parts, or JSON `{"instances": [{"b64": "..."}]}`. Scores are
+    calibrated; an image below the threshold or unlike the training images has `label` null,
+    `rejected` true and a `reason`.
     """
-    query = parse(PredictQuery, request.args.to_dict(), "query")
+    args = request.args.to_dict()
+    threshold = prediction.parse_threshold(args.pop("threshold", None))
+    query = parse(PredictQuery, args, "query")
     # NB: before the body is read: an unknown or unready classifier costs nothing more.
     record = prediction.servable_record(services(), classifier_id)
     # NB: its own, smaller limit, enforced by Werkzeug while reading (chunked bodies too).
@@ -214,11 +219,43 @@ def predict(classifier_id: str):
         parts = request.files.getlist("image")
         prediction.check_image_count(services(), len(parts))
         images = [part.read() for part in parts]
-    ranked = prediction.predict(services(), record, images, query.top_k)
+    answers = prediction.predict(services(), record, images, query.top_k, threshold)
     return json_response(PredictionResponse(classifier_id=classifier_id, predictions=[
-        Prediction(label=pairs[0][0], score=pairs[0][1],
-                   top_k=[LabelScore(label=label, score=score) for label, score in pairs])
-        for pairs in ranked]))
+        Prediction(label=answer.label, score=answer.score, rejected=answer.rejected,
+                   reason=answer.reason,
+                   top_k=[LabelScore(label=label, score=score) for label, score in answer.top_k])
+        for answer in answers]))
+
+
+_SUGGEST = {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["dataset"],
+    "properties": {"dataset": {"type": "string", "format": "binary",
+                               "description": "A .zip of unlabeled images, any folder layout"}}}}}
+
+
+@api.post("/classifiers/<classifier_id>/suggest")
+@documented(body=_SUGGEST, query=SuggestQuery,
+            responses={200: SuggestResponse, 400: None, 404: None, 409: None, 413: None,
+                       422: None, 503: None})
+def suggest(classifier_id: str):
+    """Rank unlabeled images by how much labeling each would help.
+
+    Send a zip of images as the multipart part `dataset`; the answer lists the images the
+    classifier is least sure about first (out-of-distribution ones last), with its current
+    prediction, at most `limit` of them.
+    """
+    query = parse(SuggestQuery, request.args.to_dict(), "query")
+    record = prediction.servable_record(services(), classifier_id)
+    upload = request.files.get("dataset")
+    if upload is None:
+        raise BadRequest("send the images as a zip in the multipart part 'dataset'")
+    with current_app.extensions["headstart.uploads"].slot():
+        found = prediction.suggest(services(), record, upload.stream, query.limit, query.method)
+    return json_response(SuggestResponse(
+        classifier_id=classifier_id, method=found.method, images=found.images,
+        suggestions=[Suggestion(**entry) for entry in found.suggestions],
+        skipped=[SkippedFileOut(path=item.path, reason=item.reason)
+                 for item in found.skipped[:100]]))
 
 
 @api.delete("/classifiers/<classifier_id>")

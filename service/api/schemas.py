@@ -102,6 +102,10 @@ class Classifier(BaseModel):
     refining: bool = Field(
         False, description="Ready, and a later stage is still training: a better head may "
                            "replace the served one (then `progress` is non-null too)")
+    threshold: float | None = Field(
+        None, description="The default rejection threshold on the calibrated top score, chosen "
+                          "on validation (training option reject); null before the classifier is "
+                          "ready or for one trained before it existed")
 
     @classmethod
     def from_record(cls, record: ClassifierRecord) -> Classifier:
@@ -138,9 +142,15 @@ class LabelScore(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: str
-    score: float
+    label: str | None = Field(description="The predicted label; null when rejected")
+    score: float = Field(description="The top label's calibrated score, rejected or not")
     top_k: list[LabelScore]
+    rejected: bool = Field(False, description="True when the classifier does not recognise the "
+                                              "image: see reason")
+    reason: Literal["below_threshold", "out_of_distribution"] | None = Field(
+        None, description="Why it was rejected: below_threshold (the top score is under the "
+                          "threshold), out_of_distribution (the image is unlike every training "
+                          "image)")
 
 
 class PredictionResponse(BaseModel):
@@ -164,6 +174,37 @@ class ListQuery(Strict):
 
 class PredictQuery(Strict):
     top_k: int = Field(5, ge=1, le=1000, description="How many labels to list per image")
+    threshold: float | None = Field(
+        None, ge=0, le=1, description="Reject predictions whose calibrated top score is below "
+                                      "this (400 outside 0-1); default: the classifier's "
+                                      "threshold")
+
+
+class SuggestQuery(Strict):
+    limit: int = Field(20, ge=1, le=1000, description="Most images to list")
+    method: Literal["margin", "entropy"] = Field(
+        "margin", description="margin: 1 - (p1 - p2) of the two best calibrated scores; "
+                              "entropy: of all scores, normalised to 0-1")
+
+
+class Suggestion(BaseModel):
+    path: str = Field(description="The image's path in the uploaded zip")
+    uncertainty: float = Field(description="By `method`, 0-1: higher is more unsure")
+    label: str = Field(description="The classifier's current prediction")
+    score: float = Field(description="Its calibrated score")
+    out_of_distribution: bool = Field(
+        description="Unlike every training image: listed after the others (it may need a new "
+                    "label, or none)")
+
+
+class SuggestResponse(BaseModel):
+    """Unlabeled images ranked by how much a label for each would help, most first."""
+
+    classifier_id: str
+    method: Literal["margin", "entropy"]
+    images: int = Field(description="Images scored")
+    suggestions: list[Suggestion]
+    skipped: list[SkippedFileOut] = Field([], description="Files that are not usable images")
 
 
 class EventsQuery(Strict):
@@ -220,6 +261,33 @@ class StageOut(BaseModel):
                                      "than every earlier stage's)")
 
 
+class CalibrationOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    temperature: float = Field(description="Scores are softmax(logits / temperature)")
+    ece_before: float = Field(description="Expected calibration error of the out-of-fold "
+                                          "scores before scaling (15 bins)")
+    ece_after: float
+
+
+class HealthOut(BaseModel):
+    """What in the dataset makes the classifier worse or its metrics wrong; every entry names
+    archive paths."""
+
+    model_config = ConfigDict(extra="allow")
+    duplicates: list[dict[str, Any]] = Field(
+        description="Files with the same bytes: paths, labels, across_split (leakage), "
+                    "conflicting_labels")
+    near_duplicates: list[dict[str, Any]] = Field(
+        description="Pairs of distinct files with nearly the same features: paths, labels, "
+                    "similarity, across_split")
+    suspected_mislabels: list[dict[str, Any]] = Field(
+        description="path, given, predicted, confidence: out-of-fold predictions that disagree "
+                    "with the folder (confident learning)")
+    imbalance: dict[str, Any]
+    warnings: list[str]
+    counts: dict[str, int] = {}
+
+
 class FeatureCacheReport(BaseModel):
     """The training run's (image, view) features: how many came from the classifier's feature
     cache, how many the backbone computed, and what the cache holds after the run."""
@@ -272,6 +340,16 @@ class Report(BaseModel):
     backbone: BackboneOut
     device: str = Field(description="Where the head was trained and features extracted")
     precision: str = Field("float32", description="The backbone's compute precision in training")
+    calibration: CalibrationOut | None = Field(
+        None, description="Temperature scaling fitted on the out-of-fold scores; null for "
+                          "classifiers trained before it existed")
+    threshold: float | None = Field(None, description="The classifier's default threshold")
+    rejection: dict[str, Any] | None = Field(
+        None, description="How the threshold was chosen: target_precision, and the out-of-fold "
+                          "precision and coverage it gives")
+    ood: dict[str, Any] | None = Field(
+        None, description="The out-of-distribution check: enabled, method, threshold, bytes")
+    health: HealthOut | None = None
 
 
 # ---------------------------------------------------------------- operations

@@ -95,14 +95,7 @@ def read_dataset_zip(stream: typing.BinaryIO, limits: DatasetLimits = DatasetLim
             or images per label.
     """
     with _open_archive(stream, limits.max_members) as archive:
-        infos = archive.infolist()
-        if len(infos) > limits.max_members:
-            raise _too_many_entries(len(infos), limits.max_members)
-        members = [member for member in map(_checked_member, infos) if not _is_ignored(member)]
-        files = [member for member in members if not member.is_dir]
-        if not files:
-            raise _unprocessable(["the archive contains no files"])
-        _refuse_nested_archive_names(files)
+        members, files = _checked_members(archive, limits)
         depth = _label_depth(members)
         labels = _labels(members, depth)
         _check_label_names(set(labels.values()), limits.max_labels)
@@ -111,6 +104,52 @@ def read_dataset_zip(stream: typing.BinaryIO, limits: DatasetLimits = DatasetLim
     _check_counts(label_names, images, skipped_by_label)
     images.sort(key=lambda image: (image.label, image.path))
     return Dataset(labels=label_names, images=images, skipped=skipped)
+
+
+def read_image_zip(stream: typing.BinaryIO, limits: DatasetLimits = DatasetLimits(),
+                   max_images: int | None = None) -> Dataset:
+    """Reads a zip of unlabeled images, in any folder layout, with the checks and limits of
+    `read_dataset_zip`; files that are not images are skipped with the reason.
+
+    Returns:
+        A Dataset without labels: each image's label is "", its path the member's name;
+        sorted by path.
+
+    Raises:
+        As `read_dataset_zip`; Unprocessable also when no file is a usable image, and
+        PayloadTooLarge for more than `max_images` images.
+    """
+    with _open_archive(stream, limits.max_members) as archive:
+        _, files = _checked_members(archive, limits)
+        if max_images is not None and len(files) > max_images:
+            raise PayloadTooLarge(f"the archive has {len(files)} files, more than the limit of "
+                                  f"{max_images} images")
+        budget = _Budget(limits.max_uncompressed_bytes, limits.max_dataset_pixels)
+        images, skipped = [], []
+        for member in files:
+            data, reason = _image_bytes(archive, member, limits, budget)
+            if data is None:
+                skipped.append(SkippedFile(member.name, reason))
+            else:
+                images.append(DatasetImage(label="", path=member.name, data=data))
+    if not images:
+        raise _unprocessable(["the archive contains no usable image"])
+    images.sort(key=lambda image: image.path)
+    return Dataset(labels=[], images=images, skipped=skipped)
+
+
+def _checked_members(archive: zipfile.ZipFile,
+                     limits: DatasetLimits) -> tuple[list[_Member], list[_Member]]:
+    """The archive's members that pass the safety checks, and those of them that are files."""
+    infos = archive.infolist()
+    if len(infos) > limits.max_members:
+        raise _too_many_entries(len(infos), limits.max_members)
+    members = [member for member in map(_checked_member, infos) if not _is_ignored(member)]
+    files = [member for member in members if not member.is_dir]
+    if not files:
+        raise _unprocessable(["the archive contains no files"])
+    _refuse_nested_archive_names(files)
+    return members, files
 
 
 @dataclass(frozen=True)

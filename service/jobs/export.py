@@ -33,6 +33,7 @@ from pydantic import BaseModel
 
 from service.errors import Conflict, HeadstartError, NotFound, ServiceUnavailable, Unprocessable
 from service.jobs.services import Services
+from service.serving.heads import load_served_head
 from service.storage.classifiers import PreconditionFailed
 from service.storage.records import ClassifierRecord, utc_now
 
@@ -248,7 +249,6 @@ def write_export(services: Services, source: ExportSource, export_format: str,
     """Writes the export zip of `source` into `target`."""
     # NB: TensorFlow, on the builder thread after fork.
     from models import export as export_lib
-    from models.heads import HeadSpec, load_head
 
     record, store = source.record, services.store
     if getattr(record, "fine_tuned", None):
@@ -257,11 +257,11 @@ def write_export(services: Services, source: ExportSource, export_format: str,
                             "is not supported yet")
     backbone = services.backbone.get(wait=True)
     report = json.loads(store.load_report(record))
-    head = load_head(HeadSpec(**record.head.model_dump()), backbone.feature_dim,
-                     len(record.labels), store.load_head(record))
-    calibration = report.get("calibration") or getattr(record, "calibration", None)
-    temperature = calibration.get("temperature") if isinstance(calibration, dict) else None
-    model = export_lib.from_keras(backbone.model, head, backbone.image_size,
+    served = load_served_head(record, store.load_head(record), backbone.feature_dim)
+    calibration = report.get("calibration")
+    # NB: the head file's temperature, not the report's (rounded): scores match the service's
+    temperature = served.trust.temperature if served.trust is not None else None
+    model = export_lib.from_keras(backbone.model, served.head, backbone.image_size,
                                   temperature=temperature)
     card = model_card(services, source, report, model, export_format, calibration)
     export_lib.write_archive(model, export_format, record.labels, card, target)
@@ -275,7 +275,7 @@ def model_card(services: Services, source: ExportSource, report: dict[str, Any],
     from models import export as export_lib
 
     record, backbone = source.record, services.backbone.get()
-    threshold = report.get("threshold", getattr(record, "threshold", None))
+    threshold = report.get("threshold")
     decodes = export_format == "savedmodel"
     return {
         "schema_version": 1,

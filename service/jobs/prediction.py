@@ -5,13 +5,19 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 
+from models import trust, uncertainty
 from models.prediction import apply_head, rank
 from models.preprocessing import ImageDecodeError, load_image
 from service.errors import BadRequest, Conflict, ServiceUnavailable, Unprocessable
+from service.jobs.datasets import read_image_zip
 from service.jobs.services import Services
+from service.serving.heads import ServedHead
+from service.storage.archive import SkippedFile
 from service.storage.records import ClassifierRecord
 
 
@@ -50,13 +56,55 @@ def servable_record(services: Services, classifier_id: str) -> ClassifierRecord:
     return record
 
 
+@dataclass(frozen=True)
+class ImagePrediction:
+    """One image's answer: `label` is None when it is rejected (`reason` says why); `top_k`
+    (label, calibrated score) pairs, best first, either way."""
+
+    label: str | None
+    score: float
+    top_k: list[tuple[str, float]]
+    rejected: bool
+    reason: str | None
+
+
+def parse_threshold(raw: str | None) -> float | None:
+    """A request's `?threshold=`: a number from 0 to 1, else a 400 saying so."""
+    if raw is None:
+        return None
+    try:
+        threshold = float(raw)
+    except ValueError:
+        threshold = None
+    if threshold is None or not 0 <= threshold <= 1:  # NB: NaN fails both comparisons
+        raise BadRequest(f"threshold must be a number from 0 to 1; received {raw[:40]!r}",
+                         errors=[{"field": "threshold", "message": "must be a number from 0 "
+                                                                   "to 1"}])
+    return threshold
+
+
 def predict(services: Services, record: ClassifierRecord, images: list[bytes],
-            top_k: int) -> list[list[tuple[str, float]]]:
-    """The top_k (label, score) pairs for each image, in request order, best first.
+            top_k: int, threshold: float | None = None) -> list[ImagePrediction]:
+    """Each image's label (or rejection) and top_k calibrated scores, in request order.
+
+    Args:
+        threshold: the request's `?threshold=`; None: the classifier's default.
 
     Decoding counts against `predict_timeout_s` as waiting for the backbone does.
     """
     check_image_count(services, len(images))
+    served, scored = _scored(services, record, images)
+    services.metrics.predictions(len(images))
+    ranked = rank(scored[:, :-1], record.labels, min(top_k, len(record.labels)))
+    return [ImagePrediction(None if decision.rejected else record.labels[decision.label],
+                            decision.score, pairs, decision.rejected, decision.reason)
+            for decision, pairs in zip(trust.decisions(served.trust, scored, threshold), ranked)]
+
+
+def _scored(services: Services, record: ClassifierRecord,
+            images: list[bytes]) -> tuple[ServedHead, np.ndarray]:
+    """The served head and `models.trust.score` of the images: float64 (n, k + 1), calibrated
+    probabilities and the OOD score, computed in the backbone's shared passes."""
     timeout_s = services.settings.predict_timeout_s
     deadline = time.monotonic() + timeout_s
     size = services.backbone.get().image_size
@@ -68,13 +116,51 @@ def predict(services: Services, record: ClassifierRecord, images: list[bytes],
                 f"of {len(images)} images took that long; send fewer or smaller images",
                 headers={"Retry-After": "5"})
         decoded.append(_decode(data, index, size, services.settings.max_image_pixels))
-    head = services.heads.get(record)
+    served = services.heads.get(record)
     # NB: through a backbone of the precision the head was trained on (service.serving.backbone)
-    scores = services.backbone.features(np.stack(decoded),
-                                        lambda features: apply_head(head, features),
-                                        deadline=deadline, precision=record.features_precision)
-    services.metrics.predictions(len(images))
-    return rank(scores, record.labels, min(top_k, len(record.labels)))
+    scored = services.backbone.features(
+        np.stack(decoded),
+        lambda features: trust.score(served.trust, features, apply_head(served.head, features)),
+        deadline=deadline, precision=record.features_precision)
+    return served, scored
+
+
+@dataclass(frozen=True)
+class Suggestions:
+    """`POST …/suggest`'s answer: the images most worth labeling first."""
+
+    method: str
+    images: int
+    suggestions: list[dict]
+    skipped: list[SkippedFile]
+
+
+def suggest(services: Services, record: ClassifierRecord, dataset: IO[bytes], limit: int,
+            method: str = "margin") -> Suggestions:
+    """Ranks a zip of unlabeled images by how much a label for each would teach the classifier.
+
+    Images are scored by its calibrated head, a predict request's worth at a time; the most
+    uncertain (by `method`, see `models.uncertainty`) come first, out-of-distribution ones last.
+
+    Raises:
+        As `datasets.read_image_zip` (bad archive, too many images), and as predict.
+    """
+    read = read_image_zip(dataset, services.dataset_limits,
+                          max_images=services.settings.max_suggest_images)
+    step = services.settings.max_predict_images
+    served, scored = None, []
+    for start in range(0, len(read.images), step):
+        served, part = _scored(services, record,
+                               [image.data for image in read.images[start:start + step]])
+        scored.append(part)
+    scored = np.concatenate(scored)
+    detector = served.trust.detector if served.trust is not None else None
+    unusual = None if detector is None else detector.is_out(scored[:, -1])
+    ranked = uncertainty.suggest(scored[:, :-1], record.labels, method, unusual, limit)
+    for entry in ranked:
+        entry["path"] = read.images[entry.pop("index")].path
+    services.metrics.predictions(len(read.images))
+    return Suggestions(method, len(read.images), ranked, read.skipped)
 
 
 def _decode(data: bytes, index: int, size: int, max_pixels: int) -> np.ndarray:

@@ -142,6 +142,7 @@ class TrainingRun:
                                      val_loss=validation["loss"])
             record.stages, record.error = list(stages), None
             record.training_seconds = round(time.monotonic() - self._started, 3)
+            record.threshold = report.get("threshold")
 
         if not self._commit(serve, run_id):
             raise Stopped(self.stop_reason)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 import numpy as np
 
 from models import training
+from models import trust as trust_lib
+from models.health import content_hash
 from models.backbone import device_name
 from models.heads import serialize_weights
 from models.options import TrainingOptions
@@ -134,7 +136,7 @@ def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
 
     def serve(result: training.TrainingResult) -> None:
         result.report["features"] = dict(cache.summary)  # so far: this stage's extractions
-        run.commit_stage(result.stage, serialize_weights(result.head),
+        run.commit_stage(result.stage, head_file(result),
                          _report(services, run, result), result.spec.as_dict(),
                          list(result.stages))
 
@@ -143,7 +145,15 @@ def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
         np.array([label_index[image.label] for image in dataset.images]),
         record.labels, backbone,
         training_config(record.options, services.settings.max_image_pixels),
-        on_progress=run.on_progress, should_stop=run.should_stop, on_stage=serve, cache=cache)
+        on_progress=run.on_progress, should_stop=run.should_stop, on_stage=serve, cache=cache,
+        paths=[image.path for image in dataset.images],
+        hashes=[content_hash(image.data) for image in dataset.images])
+
+
+def head_file(result: training.TrainingResult) -> bytes:
+    """The committed head's one stored file: its weights and its `trust.*` arrays."""
+    extra = trust_lib.to_arrays(result.trust) if result.trust is not None else None
+    return serialize_weights(result.head, extra)
 
 
 def _report(services: Services, run: TrainingRun, result: training.TrainingResult) -> dict:

@@ -111,6 +111,9 @@ class ClassifierRecord(Stored):
     refining: bool = Field(False, description="Ready, and its run is still making a better head")
     stages: list[dict[str, Any]] = Field(
         [], description="One summary per training stage run so far (models.training.stage_summary)")
+    threshold: float | None = Field(
+        None, description="The committed head's default rejection threshold (None: stored "
+                          "before trust data existed, or not ready)")
 
     @property
     def in_flight(self) -> bool:

@@ -63,28 +63,68 @@ function perLabel(report) {
     {"data-testid": "per-label"});
 }
 
+function paths(list) {
+  return h("span", {class: "paths"}, (list || []).map((path, i) => [i ? ", " : "", h("code", {}, path)]));
+}
+
+function leakage(entry) {
+  if (entry.across_split) return "yes: in training and validation";
+  return entry.conflicting_labels ? "no, but under different labels" : "no";
+}
+
 function health(report) {
   const found = report.health;
   if (!found) return null;
   const parts = [];
-  if (found.warnings?.length) parts.push(h("ul", {class: "warnings"}, found.warnings.map((w) => h("li", {}, w))));
-  for (const [key, caption] of [["duplicates", "Duplicates (same bytes)"],
-    ["near_duplicates", "Near duplicates (across_split: the same picture in training and validation)"],
-    ["suspected_mislabels", "Suspected mislabels"]]) {
-    const items = found[key];
-    if (Array.isArray(items) && items.length) parts.push(objects(caption, items));
+  if (found.warnings?.length) {
+    parts.push(h("ul", {class: "warnings", "data-testid": "health-warnings"}, found.warnings.map((w) => h("li", {}, w))));
   }
-  if (found.imbalance !== undefined) parts.push(facts([["Imbalance", plain(found.imbalance)]]));
-  if (!parts.length) parts.push(h("p", {}, "No duplicates, leaks or suspected mislabels found."));
-  return section("Dataset health", ...parts);
+  if (found.duplicates?.length) {
+    parts.push(table("Duplicates: files with the same bytes", [["Files"], ["Labels"], ["Leakage"]],
+      found.duplicates.map((d) => [paths(d.paths), d.labels.join(", "), leakage(d)]),
+      {"data-testid": "health-duplicates"}));
+  }
+  if (found.near_duplicates?.length) {
+    parts.push(table("Near duplicates: nearly the same picture", [["Files"], ["Labels"], ["Similarity", "num"], ["Leakage"]],
+      found.near_duplicates.map((d) => [paths(d.paths), d.labels.join(", "), number(d.similarity, 3), leakage(d)]),
+      {"data-testid": "health-near-duplicates"}));
+  }
+  if (found.suspected_mislabels?.length) {
+    parts.push(table("Suspected mislabels: the classifier, not trained on them, disagrees with their folder",
+      [["File"], ["In folder"], ["Looks like"], ["Confidence", "num"]],
+      found.suspected_mislabels.map((m) => [h("code", {}, m.path), m.given, m.predicted, percent(m.confidence)]),
+      {"data-testid": "health-mislabels"}));
+  }
+  const balance = found.imbalance;
+  if (balance?.per_label) {
+    parts.push(facts([["Images per label", Object.entries(balance.per_label).map(([label, n]) => `${label} ${number(n)}`).join(", ")],
+      ["Largest / smallest", balance.ratio == null ? "a label has no images" : `${number(balance.ratio, 2)}×`]],
+    {"data-testid": "health-imbalance"}));
+  }
+  if (!found.duplicates?.length && !found.near_duplicates?.length && !found.suspected_mislabels?.length) {
+    parts.push(h("p", {}, "No duplicates, leaks or suspected mislabels found."));
+  }
+  return h("section", {class: "card", "data-testid": "health", "aria-labelledby": "health-title"},
+    h("h3", {id: "health-title"}, "Dataset health"), ...parts);
 }
+
+const REJECTION = {below_threshold: "below the threshold", out_of_distribution: "unlike the training images"};
 
 function calibration(report) {
   const c = report.calibration;
   if (!c) return null;
-  return section("Calibration", facts([["Temperature", number(c.temperature, 3)],
-    ["Expected calibration error before", percent(c.ece_before)],
-    ["after", percent(c.ece_after)]]));
+  const ood = report.ood || {};
+  const rejection = report.rejection || {};
+  return h("section", {class: "card", "data-testid": "calibration", "aria-labelledby": "calibration-title"},
+    h("h3", {id: "calibration-title"}, "Calibrated scores and rejection"),
+    facts([["Temperature", number(c.temperature, 3)],
+      ["Expected calibration error before", percent(c.ece_before)],
+      ["after", percent(c.ece_after)],
+      ["Default threshold", report.threshold == null ? "—" : number(report.threshold, 3)],
+      rejection.target_precision != null ? ["Chosen for precision", `${percent(rejection.target_precision)} (out of fold: ${percent(rejection.validation_precision)}, answering ${percent(rejection.validation_coverage)})`] : null,
+      ["Out-of-distribution check", ood.enabled ? `${ood.method}, rejects images ${REJECTION.out_of_distribution}` : "off"]]),
+    h("p", {class: "muted small"}, "Scores are the head's logits divided by the temperature, fitted on the out-of-fold scores. ",
+      `A prediction ${REJECTION.below_threshold} or ${REJECTION.out_of_distribution} answers "not recognised".`));
 }
 
 function fineTuned(report) {

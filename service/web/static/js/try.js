@@ -1,6 +1,7 @@
-// "Try it": drop, pick or paste an image, see the top labels with their scores. A prediction the
-// classifier refuses (below its threshold, or unlike its training images) shows as "unknown"
-// with the reason, and still lists its top labels.
+// "Try it": drop, pick or paste an image, see the top labels with their calibrated scores. A
+// prediction the classifier refuses (below its threshold, or unlike its training images) shows as
+// "Not recognised" with the reason, and still lists its top labels. An optional threshold
+// overrides the classifier's default for the request (?threshold=).
 
 import {api} from "./api.js";
 import {h, percent, uid} from "./dom.js";
@@ -16,11 +17,19 @@ function bars(topK) {
   }));
 }
 
+/** What a rejection's machine-readable reason means, in words. */
+const REASONS = {
+  below_threshold: "its top score is below the threshold",
+  out_of_distribution: "it is unlike every training image",
+};
+
 export function result(prediction) {
-  const unknown = prediction.rejected === true || prediction.label === null;
-  const headline = unknown
-    ? h("p", {class: "verdict unknown", "data-testid": "verdict"}, h("strong", {}, "Unknown"),
-      prediction.reason ? `: ${prediction.reason}` : ": the classifier is not sure enough to name a label.")
+  const rejected = prediction.rejected === true || prediction.label === null;
+  const reason = prediction.reason;
+  const headline = rejected
+    ? h("p", {class: "verdict unknown", "data-testid": "verdict", "data-reason": reason || ""},
+      h("strong", {}, "Not recognised"),
+      `: ${reason ? `${reason} (${REASONS[reason] || "rejected"})` : "rejected"}`)
     : h("p", {class: "verdict", "data-testid": "verdict"}, h("strong", {}, prediction.label),
       ` · ${percent(prediction.score)}`);
   return [headline, bars(prediction.top_k || [])];
@@ -30,11 +39,15 @@ export function mount(section, classifier) {
   const input = h("input", {type: "file", id: uid("try"), class: "file-input", accept: "image/*",
     "data-testid": "try-input"});
   const preview = h("img", {class: "preview", alt: "", hidden: true});
+  const threshold = h("input", {type: "number", id: uid("threshold"), min: "0", max: "1",
+    step: "0.01", inputmode: "decimal", class: "threshold-input", "data-testid": "threshold-input",
+    placeholder: classifier.threshold != null ? String(classifier.threshold) : "default"});
   const output = h("div", {class: "try-result", "aria-live": "polite"},
     h("p", {class: "muted"}, "The top labels and their scores appear here."));
   const zone = h("div", {class: "dropzone try-zone"},
     h("p", {class: "dropzone-title"}, "Drop an image here, paste one, or"),
-    h("div", {class: "actions"}, input, h("label", {for: input.id, class: "button primary-outline"}, "Choose an image")));
+    h("div", {class: "actions"}, input, h("label", {for: input.id, class: "button primary-outline"}, "Choose an image")),
+    h("div", {class: "field inline"}, h("label", {for: threshold.id}, "Threshold (0–1, optional)"), threshold));
   let previewUrl = null;
 
   async function classify(file) {
@@ -49,7 +62,8 @@ export function mount(section, classifier) {
     const body = new FormData();
     body.append("image", file, file.name || "pasted.png");
     try {
-      const answer = await api(`v1/classifiers/${encodeURIComponent(classifier.id)}/predict?top_k=5`,
+      const query = threshold.value.trim() ? `&threshold=${encodeURIComponent(threshold.value.trim())}` : "";
+      const answer = await api(`v1/classifiers/${encodeURIComponent(classifier.id)}/predict?top_k=5${query}`,
         {method: "POST", body});
       output.replaceChildren(...result(answer.predictions[0]));
     } catch (error) {
