@@ -122,11 +122,11 @@ def extract_features(images: Sequence[bytes], backbone: Backbone, *, views: int,
     if original is not None:
         features[:, 0], missing[:, 0] = original, False
     if cache is not None and len(images):
-        found = cache.get([key for row in keys for key in row])
-        for i, row in enumerate(keys):
-            for view, key in enumerate(row):
-                if key in found:
-                    features[i, view], missing[i, view] = found[key], False
+        asked = [(i, view) for i, view in np.argwhere(missing)]  # NB: not the `original` rows
+        found = cache.get([keys[i][view] for i, view in asked])
+        for i, view in asked:
+            if keys[i][view] in found:
+                features[i, view], missing[i, view] = found[keys[i][view]], False
     todo = np.flatnonzero(missing.any(axis=1))
 
     def decode(batch: np.ndarray) -> np.ndarray:

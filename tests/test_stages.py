@@ -81,8 +81,8 @@ def test_the_first_stage_serves_while_later_ones_run_then_the_run_ends(serving):
     assert seen["resource"].refining and seen["resource"].stage == "preview"
     assert seen["report"].final is False and seen["report"].stage == "preview"
     assert [s.stage for s in seen["report"].stages] == ["preview"]
-    (ranked,) = seen["predicted"]
-    assert {label for label, _ in ranked} == {"red", "blue"}
+    (answer,) = seen["predicted"]
+    assert {label for label, _ in answer.top_k} == {"red", "blue"}
 
     after = serving.store.load_record(classifier_id)
     assert after.status == "ready" and not after.refining and after.lease is None
@@ -153,8 +153,8 @@ def test_a_cancel_while_refining_keeps_the_served_head_and_ends_the_run(serving)
     assert serving.store.active_ids() == []
     assert Report.model_validate(get_report(serving, classifier_id)).final is True
     assert transitions(serving, "ready") == transitions(serving, "cancelled") == 1
-    (ranked,) = prediction.predict(serving, record, [RED], top_k=1)
-    assert ranked[0][0] in ("red", "blue")
+    (answer,) = prediction.predict(serving, record, [RED], top_k=1)
+    assert answer.top_k[0][0] in ("red", "blue")
 
 
 def test_a_delete_while_refining_stops_the_in_process_run_and_purges(serving):
@@ -207,7 +207,7 @@ def crash_after_the_first_commit(wired, classifier_id):
     def die(record):
         raise WorkerDied()
 
-    at_first_commit(services, classifier_id, die)
+    at_first_commit(wired, classifier_id, die)
     with pytest.raises(WorkerDied):
         run_training_job(wired, classifier_id)
     wired.store.blobs.around.clear()
@@ -238,8 +238,8 @@ def test_a_crash_while_refining_leaves_the_last_committed_stage_serving(serving)
     assert record.progress is None and record.run == before.run and record.stage == "preview"
     assert serving.store.active_ids() == [] and serving.runner.submitted == [classifier_id]
     assert Report.model_validate(get_report(serving, classifier_id)).final is True
-    (ranked,) = prediction.predict(serving, record, [RED], top_k=1)
-    assert ranked[0][0] in ("red", "blue")
+    (answer,) = prediction.predict(serving, record, [RED], top_k=1)
+    assert answer.top_k[0][0] in ("red", "blue")
     run_training_job(serving, classifier_id)  # a late delivery: nothing to do
     assert serving.store.load_record(classifier_id) == record
 

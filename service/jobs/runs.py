@@ -150,15 +150,18 @@ class TrainingRun:
         if first:
             self.services.metrics.job_event("ready")
 
-    def finish(self, stages: list[dict]) -> None:
+    def finish(self, stages: list[dict], report: dict[str, Any]) -> None:
         """The final write once every stage has run: the served head stays, refining ends, the
-        lease is given back.
+        lease is given back. The served head's `report` is stored again first: what it says of
+        the whole run (the features extracted, `features`) is complete only now.
 
         Raises:
             ServiceUnavailable: the write failed and cannot be told to have landed.
         """
         if self.served_run is None:
             raise RuntimeError("finish() before any stage was committed")
+        self.services.store.save_report(self.record.id, self.served_run,
+                                        json.dumps(report, default=_plain).encode())
 
         def done(record: ClassifierRecord) -> None:
             record.refining, record.progress, record.stages = False, None, list(stages)

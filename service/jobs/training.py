@@ -64,7 +64,7 @@ def run_training_job(services: Services, classifier_id: str,
     with run.heartbeat():
         try:
             result = _train(services, run)
-            run.finish(list(result.stages))
+            run.finish(list(result.stages), _report(services, run, result))
         except (training.Cancelled, Stopped):
             run.end_refinement()  # cancelled after a committed stage: it stays ready
             log.info("job %s: stopped: %s", classifier_id, run.stop_reason or "cancelled")
@@ -140,7 +140,7 @@ def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
                          _report(services, run, result), result.spec.as_dict(),
                          list(result.stages))
 
-    return training.train_classifier(
+    result = training.train_classifier(
         [image.data for image in dataset.images],
         np.array([label_index[image.label] for image in dataset.images]),
         record.labels, backbone,
@@ -148,6 +148,8 @@ def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
         on_progress=run.on_progress, should_stop=run.should_stop, on_stage=serve, cache=cache,
         paths=[image.path for image in dataset.images],
         hashes=[content_hash(image.data) for image in dataset.images])
+    result.report["features"] = dict(cache.summary)  # the whole run's, for the final report
+    return result
 
 
 def head_file(result: training.TrainingResult) -> bytes:
