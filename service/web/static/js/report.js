@@ -208,7 +208,7 @@ export function render(report, classifier, {base, canExport = false}) {
 
   return h("div", {class: "report-body"},
     h("div", {class: "section-head"}, h("h2", {id: "report-title"}, "Training report"),
-      report.final === false ? h("span", {class: "badge badge-training", "data-testid": "report-preliminary"},
+      report.final === false ? h("span", {class: "badge badge-training badge-wrap", "data-testid": "report-preliminary"},
         `preliminary (${stageName(report.stage)} stage): a better head may still replace it`) : null,
       h("div", {class: "actions", role: "group", "aria-label": "Download"}, h("span", {class: "muted small"}, "Download:"),
         saveCurves, saveMatrix, saveJson, ...(canExport ? exportControls(report, base) : []))),
