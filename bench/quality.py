@@ -10,6 +10,13 @@ difference in test accuracy.
     python -m bench.quality --write
     python -m bench.quality --datasets hymenoptera --views 0,2,4,8 --write
     python -m bench.quality --weights random --image-size 32 --limit-per-label 4 --datasets hymenoptera
+
+With `--cache-dir DIR` the classifier is trained in this process instead, on features cached in
+DIR (`bench.cache`: the backbone runs once per (image, view), under the product's feature keys): `models.training.train_on_features`, the service's own path after the backbone,
+then the test images' cached features through the refitted head. The probe then runs on the
+very same features (view 0), so the comparison is paired.
+
+    python -m bench.quality --cache-dir var/bench-cache --write
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from bench import common
 from bench.common import BenchError, Client, Part, ServiceError, Split
@@ -83,6 +91,37 @@ def train(client: Client, split: Split, run: Run, *, poll_s: float, timeout_s: f
         return
     run.report = client.get(f"/v1/classifiers/{classifier['id']}/report")
     run.report["classifier_id"] = classifier["id"]
+
+
+def train_in_process(split: Split, run: Run, backbone, cache_dir: Path):
+    """Trains `run` in this process on cached features (see the module docstring) and counts
+    its correct test images. Returns (the cached features, the decoded data)."""
+    from bench import cache as cache_lib
+    from bench.train_speed import read_data
+    from models.backbone import device_name
+    from models.options import TrainingOptions
+    from models.prediction import apply_head
+    from models.training import TrainingConfig, train_on_features
+
+    config = TrainingConfig.of(TrainingOptions(**run.options))
+    data = read_data(split)
+    features = cache_lib.load_or_extract(split.name, data, backbone, config, cache_dir)
+    started = time.perf_counter()
+    result = train_on_features(features.train, data.train_labels, data.label_names, config,
+                               timings=dict(features.timings))
+    run.wall_s = time.perf_counter() - started
+    run.status = "ready"
+    run.report = {**result.report, "backbone": features.backbone, "device": device_name(),
+                  "features": (f"{features.computed} (image, view) rows computed in this run, "
+                               "the others read from the cache" if features.computed else
+                               "every row read from the cache")}
+    predicted = apply_head(result.head, features.test).argmax(axis=1)
+    run.test_correct = int((predicted == data.test_labels).sum())
+    run.test_total = len(data.test_labels)
+    print(f"[{split.name}] test accuracy {run.test_correct}/{run.test_total} = "
+          f"{run.test_accuracy:.3f} (in process, chosen {describe_head(result.report['head'])})",
+          file=sys.stderr)
+    return features, data
 
 
 def _progress_line(classifier: dict) -> str:
@@ -165,7 +204,8 @@ def row(run: Run, probes: list | None = None) -> list:
         f"{timings.get('decode', 0):.1f}", f"{timings.get('features', 0):.1f}",
         f"{timings.get('selection', 0):.1f}", f"{timings.get('head', 0):.1f}",
         f"{timings.get('selection', 0) / total:.0%}" if total else "",
-        f"{run.wall_s:.1f}", f"{run.predict_images_per_s:.2f}",
+        f"{run.wall_s:.1f}",
+        f"{run.predict_images_per_s:.2f}" if run.predict_images_per_s else "in process",
     ]
 
 
@@ -204,9 +244,65 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="give up on a classifier after this long (default %(default)s)")
     parser.add_argument("--ready-timeout", type=float, default=600.0, metavar="S",
                         help="wait this long for the service's /readyz (default %(default)s)")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="train in this process on backbone features cached in DIR "
+                             "(bench.cache) instead of through the service over HTTP")
     parser.add_argument("--no-probe", action="store_true",
                         help="skip the cross-validated linear probe (bench.probe)")
     return parser.parse_args(argv)
+
+
+def over_http(split: Split, size: int, weights: str, base: dict, views: list[int] | None,
+              args: argparse.Namespace, caches: dict) -> tuple[list[Run], list | None]:
+    """Each classifier trained and evaluated through the service, then the probe on the
+    probe's own feature cache (view 0, float32)."""
+    runs = []
+    with common.running_service(weights, size, ready_timeout_s=args.ready_timeout) as client:
+        for options in run_options(base, views):
+            run = Run(split.name, size, options)
+            runs.append(run)
+            try:
+                train(client, split, run, poll_s=args.poll, timeout_s=args.train_timeout)
+                if run.status == "ready":
+                    evaluate(client, split, run, args.predict_batch)
+            except ServiceError as error:
+                run.status, run.error = "error", str(error)
+                print(f"[{split.name}] {error}", file=sys.stderr)
+    if args.no_probe or weights == "imagenet":
+        return runs, None
+    # NB: TensorFlow, imported once the service has stopped.
+    from bench import probe as probe_lib
+
+    if size not in caches:
+        caches[size] = probe_lib.FeatureCache(weights, size)
+    probes = probe_lib.run(split, caches[size])
+    print(f"[{split.name}] probe: {describe_probes(probes)}", file=sys.stderr)
+    return runs, probes
+
+
+def in_process(split: Split, size: int, weights: str, base: dict, views: list[int] | None,
+               args: argparse.Namespace, backbones: dict) -> tuple[list[Run], list | None]:
+    """Each classifier trained in this process on cached features (`train_in_process`), then
+    the probe on the first run's features: the same view-0 vectors the pipeline trained on."""
+    from bench import probe as probe_lib
+    from models.backbone import load_backbone
+    from models.precision import resolve
+
+    if weights == "imagenet":
+        raise BenchError("--cache-dir needs a weights file (or random), not 'imagenet'")
+    if size not in backbones:
+        backbones[size] = load_backbone(weights, size, precision=resolve("auto"))
+    runs, probes = [], None
+    for options in run_options(base, views):
+        run = Run(split.name, size, options)
+        runs.append(run)
+        features, data = train_in_process(split, run, backbones[size], Path(args.cache_dir))
+        if probes is None and not args.no_probe:
+            probes = probe_lib.probe(features.train[:, 0], data.train_labels, features.test,
+                                     data.test_labels, len(data.label_names))
+            print(f"[{split.name}] probe (same features): {describe_probes(probes)}",
+                  file=sys.stderr)
+    return runs, probes
 
 
 def main(argv=None) -> None:
@@ -230,26 +326,10 @@ def main(argv=None) -> None:
         print(f"{split.description}: {len(split.train)} train, {len(split.test)} test images, "
               f"{size} px", file=sys.stderr)
         runs = []
-        with common.running_service(weights, size, ready_timeout_s=args.ready_timeout) as client:
-            for options in run_options(base, views):
-                run = Run(name, size, options)
-                runs.append(run)
-                try:
-                    train(client, split, run, poll_s=args.poll, timeout_s=args.train_timeout)
-                    if run.status == "ready":
-                        evaluate(client, split, run, args.predict_batch)
-                except ServiceError as error:
-                    run.status, run.error = "error", str(error)
-                    print(f"[{name}] {error}", file=sys.stderr)
-        probes = None
-        if not args.no_probe and weights != "imagenet":
-            # NB: TensorFlow, imported once the service has stopped.
-            from bench import probe as probe_lib
-
-            if size not in caches:
-                caches[size] = probe_lib.FeatureCache(weights, size)
-            probes = probe_lib.run(split, caches[size])
-            print(f"[{name}] probe: {describe_probes(probes)}", file=sys.stderr)
+        if args.cache_dir:
+            runs, probes = in_process(split, size, weights, base, views, args, caches)
+        else:
+            runs, probes = over_http(split, size, weights, base, views, args, caches)
         rows = [row(run, probes) for run in runs]
         all_rows += rows
         for run in runs:
@@ -265,9 +345,19 @@ def main(argv=None) -> None:
             extra = {"data": f"{split.description}; {len(split.train)} training images "
                              f"(uploaded), {len(split.test)} test images",
                      "weights": weights, "training device (report)": device}
+            if args.cache_dir:
+                backbone = runs[0].report.get("backbone", {})
+                extra["how"] = (
+                    "in process (`--cache-dir`): backbone features extracted once by "
+                    "`models.features.extract_features` as a training job does, "
+                    f"{runs[0].report.get('features')}; then `train_on_features`, then the "
+                    "test images' cached view-0 features through the refitted head; precision "
+                    f"{backbone.get('precision')} ({backbone.get('precision_reason')})")
             if base:
                 extra["options"] = f"`{json.dumps(base)}`"
             if probes:
+                from bench import probe as probe_lib
+
                 extra["probe"] = ("logistic regression on the same pooled features (view 0), "
                                   "z-scored, C by stratified 5-fold CV from "
                                   f"{min(probe_lib.C_GRID):g}-{max(probe_lib.C_GRID):g}, "

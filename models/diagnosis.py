@@ -5,7 +5,8 @@ from __future__ import annotations
 
 
 def diagnose(d: int, m: int, train_accuracy: float, val_accuracy: float, validation_size: int,
-             num_classes: int, *, candidates: int = 1, smaller_rejected: int = 0) -> list[str]:
+             num_classes: int, *, candidates: int = 1, smaller_rejected: int = 0,
+             trained_on: str = "augmented") -> list[str]:
     """Advice on the chosen head, one sentence group per finding.
 
     Args:
@@ -15,10 +16,14 @@ def diagnose(d: int, m: int, train_accuracy: float, val_accuracy: float, validat
         num_classes: number of labels.
         candidates: heads cross-validated; 1 means the head was given in the options.
         smaller_rejected: how many smaller heads (fewer parameters or stronger L2) were
-            cross-validated and scored worse than the chosen one by more than a standard error.
-            When there are any, the head is not "too big", and when the chosen head is the
-            smallest tried there is no smaller one to suggest: either way advising a smaller
-            head would contradict the selection.
+            cross-validated and had no lower mean validation loss than the chosen one (the
+            selection's reason to prefer it; `Selection.smaller_rejected`). When there are any,
+            the head is not "too big", and when the chosen head is the smallest tried there is
+            no smaller one to suggest: either way advising a smaller head would contradict the
+            selection.
+        trained_on: the chosen head's rows. "original": cross-validation preferred the head
+            trained on the originals only to the ones trained on augmented views, so advising
+            more augmentation would contradict it too.
 
     Returns:
         Notes in words; at least one.
@@ -28,20 +33,23 @@ def diagnose(d: int, m: int, train_accuracy: float, val_accuracy: float, validat
     smallest_tried = not fixed_head and not smaller_rejected
     smaller = ('a smaller head (head "auto" cross-validates linear heads over five orders of '
                "magnitude of L2)") if fixed_head else None
+    augmenting = trained_on != "original"
+    more = ("More images per label or more augmented views (augmentation.views) would help "
+            "most." if augmenting else
+            "More images per label would help most (cross-validation preferred the head "
+            "trained on the original images only to the ones trained on augmented views).")
     if d > m:
         if smallest_tried:
             notes.append(
                 f"d/m = {d / m:.2f}: the head has more trainable parameters ({d}) than training "
                 f"examples ({m}); it is already the smallest and most regularised of the "
-                f"{candidates} heads cross-validation tried. More images per label or more "
-                "augmented views (augmentation.views) would help most.")
+                f"{candidates} heads cross-validation tried. {more}")
         elif smaller_rejected:
             notes.append(
                 f"d/m = {d / m:.2f}: the head has more trainable parameters ({d}) than training "
                 f"examples ({m}), but cross-validation tried {smaller_rejected} smaller or more "
-                "regularised heads and each did worse by more than a standard error, so its "
-                "L2 penalty, not its size, is what keeps it from memorising. More images per "
-                "label or more augmented views (augmentation.views) would help most.")
+                "regularised heads and none had a lower validation loss, so its L2 penalty, "
+                f"not its size, is what keeps it from memorising. {more}")
         else:
             notes.append(
                 f"d/m = {d / m:.2f}: the head has more trainable parameters ({d}) than training "
@@ -49,7 +57,8 @@ def diagnose(d: int, m: int, train_accuracy: float, val_accuracy: float, validat
                 f"views (augmentation.views) or {smaller} would help.")
     train_error, val_error = 1 - train_accuracy, 1 - val_accuracy
     if val_error - train_error > 0.1 and val_error > 1.5 * train_error:
-        advice = "More images or stronger augmentation (augmentation.views, rotation, shift, noise)"
+        advice = ("More images or stronger augmentation (augmentation.views, rotation, shift, "
+                  "noise)" if augmenting else "More images")
         if smaller:
             advice += f", or {smaller},"
         notes.append(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class Strict(BaseModel):
@@ -64,18 +64,45 @@ class HeadOptions(Strict):
         return self.model_dump()
 
 
-#: Candidates of `head: "auto"`, chosen by k-fold cross-validation with the one-standard-error
-#: rule. Logistic regressions (linear heads without dropout, solved exactly) over five orders
-#: of magnitude of L2, because the right strength differs that much between data sets, and one
-#: hidden layer that must beat all of them by more than a standard error to be chosen. On the
-#: benchmarks (bench/RESULTS.md) the lowest cross-validated loss was at L2 0.1-0.3 (hymenoptera,
-#: flowers5) and 1-3 (20 images per label); the rule then took 1 for both full sets, inside
-#: the grid, and the strongest end for the few-shot set. The weak end (1e-4) is for larger,
-#: cleaner data sets.
+class HeadCandidate(Strict):
+    """One candidate of `head: "auto"`: a head and the rows it is trained on."""
+
+    head: HeadOptions
+    trained_on: Literal["augmented", "original"] = Field(
+        "augmented", description="augmented: every image's original and its augmented views; "
+                                 "original: the un-augmented image only (a linear probe)")
+
+    @property
+    def path(self) -> tuple:
+        """Candidates on one path differ only in L2: the same architecture, dropout and rows."""
+        return (self.head.hidden_units, self.head.dropout, self.trained_on)
+
+    def as_dict(self) -> dict:
+        return {"head": self.head.as_dict(), "trained_on": self.trained_on}
+
+
+#: L2 strengths of the logistic regressions, strongest first: five orders of magnitude, because
+#: the right strength differs that much between data sets (bench/RESULTS.md: the lowest
+#: cross-validated loss was at 0.1-0.3 on hymenoptera and flowers5, 1-3 on 20 images per
+#: label); the weak end is for larger, cleaner data sets.
+L2_PATH: tuple[float, ...] = (10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)
+#: The heads of `head: "auto"` trained on augmented rows: logistic regressions (linear heads
+#: without dropout, solved exactly) along `L2_PATH`, and one hidden layer that must beat the
+#: best of them by more than a standard error to be chosen.
 AUTO_HEADS: tuple[HeadOptions, ...] = (
-    *(HeadOptions(hidden_units=0, dropout=0.0, l2=l2)
-      for l2 in (10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4)),
+    *(HeadOptions(hidden_units=0, dropout=0.0, l2=l2) for l2 in L2_PATH),
     HeadOptions(hidden_units=256, dropout=0.5, l2=1e-3),
+)
+#: Candidates of `head: "auto"`, chosen by k-fold cross-validation (`models.selection`): the
+#: lowest mean validation loss along each L2 path, then the one-standard-error rule between
+#: paths. Besides `AUTO_HEADS` on augmented rows, the same logistic regressions on the
+#: originals only: the linear probe a careful practitioner tries first, scored on the same
+#: folds, so the choice is at least as good as the probe up to cross-validation noise where
+#: augmentation does not help.
+AUTO_CANDIDATES: tuple[HeadCandidate, ...] = (
+    *(HeadCandidate(head=head) for head in AUTO_HEADS),
+    *(HeadCandidate(head=HeadOptions(hidden_units=0, dropout=0.0, l2=l2), trained_on="original")
+      for l2 in L2_PATH),
 )
 
 
@@ -114,8 +141,10 @@ class TrainingOptions(Strict):
     augmentation: AugmentationOptions = Field(default_factory=AugmentationOptions)
     head: HeadOptions | Literal["auto"] = Field(
         "auto", description='"auto" picks the head by k-fold cross-validation among linear heads '
-                            "(L2 1e-4 to 10) and one hidden layer, preferring the smallest within "
-                            "one standard error of the best; or a fixed head")
+                            "(L2 1e-4 to 10, trained on augmented views and on the originals "
+                            "only) and one hidden layer: the lowest validation loss along each L2 "
+                            "path, then the smallest head within one standard error of the best; "
+                            "or a fixed head (trained on augmented views)")
     reject: RejectOptions | Literal["off"] = Field(
         default_factory=RejectOptions,
         description='Rejection: {"target_precision": p} sets a default threshold for a '
@@ -133,9 +162,18 @@ class TrainingConfig(TrainingOptions):
         max_image_pixels: decompression bombs: the upload limit applies in training too.
     """
 
-    candidates: tuple[HeadOptions, ...] = Field(AUTO_HEADS, min_length=1)
+    candidates: tuple[HeadCandidate, ...] = Field(AUTO_CANDIDATES, min_length=1)
     extract_batch_size: int = Field(32, ge=1)
     max_image_pixels: int = Field(40_000_000, gt=0)
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _plain_heads_train_on_augmented_rows(cls, value):
+        """A plain `HeadOptions` among the candidates is that head on augmented rows."""
+        if isinstance(value, (list, tuple)):
+            return tuple(HeadCandidate(head=v) if isinstance(v, HeadOptions) else v
+                         for v in value)
+        return value
 
     @classmethod
     def of(cls, options: TrainingOptions, **overrides) -> TrainingConfig:
@@ -144,6 +182,28 @@ class TrainingConfig(TrainingOptions):
         return cls(**{**fields, **overrides})
 
     @property
-    def heads(self) -> tuple[HeadOptions, ...]:
-        """The heads to cross-validate: the candidates, or the one fixed head."""
-        return self.candidates if self.head == "auto" else (self.head,)
+    def heads(self) -> tuple[HeadCandidate, ...]:
+        """The heads to cross-validate: the candidates, or the one fixed head (trained on
+        augmented rows)."""
+        return self.candidates if self.head == "auto" else (HeadCandidate(head=self.head),)
+
+
+class VersionOptions(TrainingOptions):
+    """The `options` part of a new-version request: training options (those given replace the
+    base version's; the others are the base version's), where its images come from, and whether
+    it takes `production` when it is ready."""
+
+    base: int | None = Field(None, ge=1, description="The version whose images (and options) "
+                                                     "this one starts from; default: production")
+    replace: bool = Field(False, description="Use only the images sent now, not the base's")
+    promote: Literal["if_better", "always", "never"] = Field(
+        "if_better", description='"if_better": take production only if this version is right '
+                                 "on more of its images that production never trained on "
+                                 "(out-of-fold predictions against production's); "
+                                 '"always"; "never" (move the alias yourself)')
+
+    def training_options(self, base: TrainingOptions) -> TrainingOptions:
+        """The base version's options with the training options given here in their place."""
+        given = {name: getattr(self, name) for name in self.model_fields_set
+                 if name in TrainingOptions.model_fields}
+        return base.model_copy(update=given)

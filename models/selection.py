@@ -1,12 +1,22 @@
-"""Choosing a head by stratified k-fold cross-validation on cached features, with the
-one-standard-error rule.
+"""Choosing a head by stratified k-fold cross-validation on cached features: the lowest loss
+along each L2 path, then the one-standard-error rule between paths.
 
 Folds are over images: all augmented views of an image train together, and a fold's held-out
 images are scored on their un-augmented view only, as serving sees them. Every candidate is
-fitted k times; the chosen one is the smallest hypothesis (fewer parameters, then stronger L2)
-whose mean validation loss is within one standard error of the lowest mean. The chosen
-candidate's fold models also give the out-of-fold predictions the report's validation metrics
-are computed from: each image scored by the one model that did not train on it.
+fitted k times on its rows (every view, or the originals only: `HeadCandidate.trained_on`).
+
+The rule has two steps. Candidates that differ only in L2 strength form a path (one
+architecture, one dropout, one set of rows); on a path the parameter count does not change and
+the mean validation loss is a smooth function of the strength, so the path's point is its
+lowest mean loss (losses within `LOSS_RESOLUTION` of it tie, and the stronger L2 wins the tie).
+Taking the strongest L2 within a standard error instead over-regularised by about a point of
+test accuracy on every benchmark (bench/RESULTS.md). Between paths the heads differ in kind
+and size, and noise in the folds favours the bigger one, so there the one-standard-error rule
+(Hastie, Tibshirani and Friedman, ESL §7.10) takes the head with the fewest parameters whose
+path point is within one standard error of the best; between paths of the same size, the
+lower loss. The chosen candidate's fold models also give the out-of-fold predictions the
+report's validation metrics are computed from: each image scored by the one model that did not
+train on it.
 """
 
 from __future__ import annotations
@@ -18,10 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from models.evaluation import accuracy, cross_entropy
-from models.options import HeadOptions, TrainingConfig
+from models.options import HeadCandidate, HeadOptions, TrainingConfig
 from models.progress import Progress, ProgressCallback, StopCheck
 
-ONE_STANDARD_ERROR = "one standard error"
+ONE_STANDARD_ERROR = ("lowest validation loss along each L2 path, then one standard error "
+                      "between paths")
 FIXED = "fixed head (given in options): cross-validated for honest metrics, not chosen"
 #: Mean validation losses closer than this (nats per image) are ties, even when their standard
 #: error is smaller: on separable data every fold's loss goes to 0 and the SE with it, and the
@@ -37,6 +48,7 @@ class CandidateResult:
 
     Attributes:
         spec: the head; d: its trainable parameters.
+        trained_on: its rows: "augmented" (every view) or "original" (view 0 only).
         fold_losses, fold_accuracies: float (k,) validation cross-entropy and accuracy per fold.
         best_epochs: per fold, the epoch whose weights the fold model kept.
         stopped_early: per fold, whether patience ended an Adam fit.
@@ -55,6 +67,11 @@ class CandidateResult:
     histories: list[list[dict]]
     out_of_fold: np.ndarray
     seconds: float = 0.0
+    trained_on: str = "augmented"
+
+    @property
+    def candidate(self) -> HeadCandidate:
+        return HeadCandidate(head=self.spec, trained_on=self.trained_on)
 
     @property
     def k(self) -> int:
@@ -89,7 +106,7 @@ class CandidateResult:
     def summary(self) -> dict:
         """The report's entry for this candidate (JSON-ready)."""
         return {
-            "head": self.spec.as_dict(), "d": self.d,
+            "head": self.spec.as_dict(), "trained_on": self.trained_on, "d": self.d,
             "solver": "exact (L-BFGS)" if self.spec.is_exact else "adam, early stopping",
             "val_loss_mean": round(self.loss_mean, 4), "val_loss_std": round(self.loss_std, 4),
             "val_loss_se": round(self.loss_se, 4),
@@ -134,22 +151,63 @@ class Selection:
 
     @property
     def smaller_rejected(self) -> int:
-        """Candidates smaller than the chosen one (that cross-validation therefore found worse
-        by more than a standard error)."""
-        key = self.result.spec.size_key(self.feature_dim, self.num_classes)
+        """Candidates smaller than the chosen one (fewer parameters, or as many and stronger L2)
+        whose mean validation loss was no lower than the chosen one's: the rule's reasons not to
+        call the chosen head too big. (By the rule that is every smaller candidate.)"""
+        chosen = self.result
+        key = chosen.spec.size_key(self.feature_dim, self.num_classes)
         return sum(c.spec.size_key(self.feature_dim, self.num_classes) < key
-                   for c in self.candidates)
+                   and c.loss_mean >= chosen.loss_mean for c in self.candidates)
+
+    @property
+    def path_best(self) -> list[int]:
+        """Index of each path's point (see `lowest_along_paths`), in candidate order."""
+        return sorted(lowest_along_paths(self.candidates))
 
     def report(self) -> dict:
         """The report's `selection` entry (JSON-ready)."""
+        paths = self.path_best
         return {
             "method": METHOD, "k": self.k, "rule": self.rule,
             "metric": "validation loss (cross-entropy), mean over folds",
-            "threshold": round(_threshold(self.candidates), 4),
-            "best": self.best, "chosen": self.chosen,
+            "threshold": round(_threshold([self.candidates[i] for i in paths]), 4),
+            "best": self.best, "chosen": self.chosen, "path_best": paths,
             "candidates": [c.summary() for c in self.candidates],
             **self.notes,
         }
+
+
+def choose(candidates: Sequence[CandidateResult], feature_dim: int, num_classes: int) -> int:
+    """The rule: each path's lowest mean validation loss, then the one-standard-error rule
+    between those points (see the module docstring).
+
+    Args:
+        candidates: cross-validated on the same folds.
+        feature_dim, num_classes: to count parameters.
+
+    Returns:
+        An index into `candidates`.
+    """
+    points = lowest_along_paths(candidates)
+    return points[one_standard_error([candidates[i] for i in points], feature_dim, num_classes)]
+
+
+def lowest_along_paths(candidates: Sequence[CandidateResult]) -> list[int]:
+    """Per path (candidates that differ only in L2), the index of its lowest mean validation
+    loss; losses within `LOSS_RESOLUTION` of it tie and the strongest L2 among them wins.
+
+    Returns:
+        One index into `candidates` per path, in the order the paths first appear.
+    """
+    paths: dict[tuple, list[int]] = {}
+    for i, c in enumerate(candidates):
+        paths.setdefault(c.candidate.path, []).append(i)
+    points = []
+    for members in paths.values():
+        lowest = min(candidates[i].loss_mean for i in members)
+        tied = [i for i in members if candidates[i].loss_mean <= lowest + LOSS_RESOLUTION]
+        points.append(max(tied, key=lambda i: candidates[i].spec.l2))
+    return points
 
 
 def one_standard_error(candidates: Sequence[CandidateResult], feature_dim: int,
@@ -159,15 +217,20 @@ def one_standard_error(candidates: Sequence[CandidateResult], feature_dim: int,
 
     Args:
         candidates: cross-validated on the same folds.
-        feature_dim, num_classes: to count parameters ("smaller" = fewer parameters, then
-            stronger L2).
+        feature_dim, num_classes: to count parameters ("smaller" = fewer parameters; among
+            as many, the lower mean loss, then the stronger L2).
 
     Returns:
         An index into `candidates`.
     """
     threshold = _threshold(candidates)
     within = [i for i, c in enumerate(candidates) if c.loss_mean <= threshold]
-    return min(within, key=lambda i: candidates[i].spec.size_key(feature_dim, num_classes))
+
+    def key(i: int) -> tuple:
+        parameters, *rest = candidates[i].spec.size_key(feature_dim, num_classes)
+        return (parameters, round(candidates[i].loss_mean / LOSS_RESOLUTION), *rest)
+
+    return min(within, key=key)
 
 
 def _threshold(candidates: Sequence[CandidateResult]) -> float:
@@ -175,17 +238,35 @@ def _threshold(candidates: Sequence[CandidateResult]) -> float:
     return best.loss_mean + max(best.loss_se, LOSS_RESOLUTION)
 
 
-def cross_validate(specs: Sequence[HeadOptions], features: np.ndarray, labels: np.ndarray,
-                   folds: np.ndarray, num_classes: int, config: TrainingConfig, *,
+def training_rows(candidate: HeadCandidate, features: np.ndarray,
+                  labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a candidate trains on.
+
+    Args:
+        features: float32 (n, 1 + views, feature_dim); view 0 un-augmented.
+        labels: int (n,).
+
+    Returns:
+        float32 (rows, feature_dim) features and int (rows,) labels: every view of every image
+        (image-major), or view 0 only for a candidate trained on the originals.
+    """
+    if candidate.trained_on == "original":
+        return features[:, 0], labels
+    return features.reshape(-1, features.shape[-1]), np.repeat(labels, features.shape[1])
+
+
+def cross_validate(specs: Sequence[HeadCandidate | HeadOptions], features: np.ndarray,
+                   labels: np.ndarray, folds: np.ndarray, num_classes: int,
+                   config: TrainingConfig, *,
                    on_progress: ProgressCallback = lambda progress: None,
                    should_stop: StopCheck = lambda: False) -> Selection:
-    """Fits every candidate on every fold and chooses one.
+    """Fits every candidate on every fold and chooses one (`choose`).
 
     With one candidate (a fixed head) nothing is chosen, but its folds still give out-of-fold
     metrics and the refit's epoch count.
 
     Args:
-        specs: the candidate heads.
+        specs: the candidates; a plain head trains on augmented rows.
         features: float32 (n, 1 + views, feature_dim) cached features; view 0 un-augmented.
         labels: int (n,) label index per image.
         folds: int (n,) fold index per image, from `splits.stratified_folds`.
@@ -200,28 +281,33 @@ def cross_validate(specs: Sequence[HeadOptions], features: np.ndarray, labels: n
     from models import fitting  # NB: TensorFlow; this module's rules import without it
 
     started = time.perf_counter()
+    candidates = [c if isinstance(c, HeadCandidate) else HeadCandidate(head=c) for c in specs]
     labels = np.asarray(labels, int)
-    n, views, feature_dim = features.shape
+    n, _, feature_dim = features.shape
     k = int(folds.max()) + 1
-    # Exact fits go from the strongest L2 down, each warm-started from the last on its fold.
-    order = sorted(range(len(specs)),
-                   key=lambda i: (not specs[i].is_exact, -specs[i].l2 if specs[i].is_exact else 0, i))
-    losses = np.zeros((len(specs), k))
-    accuracies = np.zeros((len(specs), k))
-    best_epochs = [[0] * k for _ in specs]
-    stopped = [[False] * k for _ in specs]
-    histories: list[list[list[dict]]] = [[[] for _ in range(k)] for _ in specs]
-    out_of_fold = np.zeros((len(specs), n, num_classes))
-    seconds = np.zeros(len(specs))
+    # Exact fits go from the strongest L2 down, each warm-started from the last on its path
+    # and fold.
+    order = sorted(range(len(candidates)), key=lambda i: (
+        not candidates[i].head.is_exact, candidates[i].path,
+        -candidates[i].head.l2 if candidates[i].head.is_exact else 0, i))
+    losses = np.zeros((len(candidates), k))
+    accuracies = np.zeros((len(candidates), k))
+    best_epochs = [[0] * k for _ in candidates]
+    stopped = [[False] * k for _ in candidates]
+    histories: list[list[list[dict]]] = [[[] for _ in range(k)] for _ in candidates]
+    out_of_fold = np.zeros((len(candidates), n, num_classes))
+    seconds = np.zeros(len(candidates))
     for fold_index in range(k):
         train, held_out = folds != fold_index, folds == fold_index
-        fold = fitting.Fold(features[train].reshape(-1, feature_dim),
-                            np.repeat(labels[train], views),
-                            features[held_out, 0], labels[held_out])
-        warm = None
+        fold_of: dict[str, fitting.Fold] = {}  # by rows, built when first needed
+        warm: dict[tuple, object] = {}
         for i in order:
-            spec, rows = specs[i], []
-            label = f"{i + 1}/{len(specs)} fold {fold_index + 1}/{k}"
+            candidate, spec, rows = candidates[i], candidates[i].head, []
+            if candidate.trained_on not in fold_of:
+                fold_of[candidate.trained_on] = fitting.Fold(
+                    *training_rows(candidate, features[train], labels[train]),
+                    features[held_out, 0], labels[held_out])
+            label = f"{i + 1}/{len(candidates)} fold {fold_index + 1}/{k}"
 
             def on_epoch(row: dict, label=label, rows=rows, spec=spec) -> None:
                 rows.append(row)
@@ -232,12 +318,12 @@ def cross_validate(specs: Sequence[HeadOptions], features: np.ndarray, labels: n
                     history=tuple(rows)))
 
             start = time.perf_counter()
-            fit = fitting.fit_head(spec, fold, num_classes, config,
-                                   warm=warm if spec.is_exact else None, on_epoch=on_epoch,
-                                   should_stop=should_stop)
+            fit = fitting.fit_head(spec, fold_of[candidate.trained_on], num_classes, config,
+                                   warm=warm.get(candidate.path) if spec.is_exact else None,
+                                   on_epoch=on_epoch, should_stop=should_stop)
             seconds[i] += time.perf_counter() - start
             if spec.is_exact:
-                warm = fit.solution
+                warm[candidate.path] = fit.solution
             probabilities = fit.val_probabilities
             out_of_fold[i, held_out] = probabilities
             losses[i, fold_index] = cross_entropy(probabilities, labels[held_out])
@@ -245,15 +331,16 @@ def cross_validate(specs: Sequence[HeadOptions], features: np.ndarray, labels: n
             best_epochs[i][fold_index] = fit.best_epoch
             stopped[i][fold_index] = fit.stopped_early
             histories[i][fold_index] = fit.history
-    candidates = [
-        CandidateResult(spec, spec.parameters(feature_dim, num_classes), losses[i], accuracies[i],
-                        best_epochs[i], stopped[i], histories[i], out_of_fold[i], seconds[i])
-        for i, spec in enumerate(specs)]
-    if len(candidates) == 1:
+    results = [
+        CandidateResult(c.head, c.head.parameters(feature_dim, num_classes), losses[i],
+                        accuracies[i], best_epochs[i], stopped[i], histories[i], out_of_fold[i],
+                        seconds[i], trained_on=c.trained_on)
+        for i, c in enumerate(candidates)]
+    if len(results) == 1:
         chosen, rule = 0, FIXED
     else:
-        chosen, rule = one_standard_error(candidates, feature_dim, num_classes), ONE_STANDARD_ERROR
-    return Selection(folds, k, candidates, chosen, rule, feature_dim, num_classes,
+        chosen, rule = choose(results, feature_dim, num_classes), ONE_STANDARD_ERROR
+    return Selection(folds, k, results, chosen, rule, feature_dim, num_classes,
                      seconds=time.perf_counter() - started)
 
 

@@ -33,9 +33,9 @@ from models.backbone import Backbone
 from models.diagnosis import diagnose
 from models.evaluation import cross_entropy, evaluate
 from models.features import FeatureCache, extract_features
-from models.options import HeadOptions, TrainingConfig
+from models.options import HeadCandidate, HeadOptions, TrainingConfig
 from models.progress import Cancelled, Progress, ProgressCallback, StopCheck
-from models.selection import Selection, cross_validate, mean_history
+from models.selection import Selection, cross_validate, mean_history, training_rows
 from models.splits import fold_count, stratified_folds, stratified_split
 
 # NB: Cancelled, Progress, TrainingConfig and stratified_split are imported from here by the
@@ -124,7 +124,7 @@ class StagedRun:
         return self.features
 
     def fit(self, stage: str, features: np.ndarray,
-            heads: Sequence[HeadOptions]) -> TrainingResult:
+            heads: Sequence[HeadCandidate]) -> TrainingResult:
         """Cross-validates `heads` on the run's folds, refits the chosen one, reports it."""
         return train_on_features(features, self.labels, self.label_names, self.config,
                                  timings=dict(self.timings), heads=heads, folds=self.folds,
@@ -133,10 +133,16 @@ class StagedRun:
                                  hashes=self.hashes)
 
 
-def preview_heads(config: TrainingConfig) -> tuple[HeadOptions, ...]:
-    """The preview's candidates: the exact (logistic-regression) ones, which take seconds on
-    cached features; a fixed Adam-trained head is trained as given."""
-    return tuple(head for head in config.heads if head.is_exact) or config.heads
+def preview_heads(config: TrainingConfig) -> tuple[HeadCandidate, ...]:
+    """The preview's candidates: the exact (logistic-regression) heads on the originals, which
+    take seconds on cached features; a fixed Adam-trained head is trained as given."""
+    exact, seen = [], set()
+    for candidate in config.heads:
+        key = tuple(candidate.head.as_dict().values())
+        if candidate.head.is_exact and key not in seen:
+            seen.add(key)
+            exact.append(HeadCandidate(head=candidate.head, trained_on="original"))
+    return tuple(exact) or config.heads
 
 
 def preview_stage(run: StagedRun) -> TrainingResult:
@@ -146,9 +152,10 @@ def preview_stage(run: StagedRun) -> TrainingResult:
 
 def augmented_stage(run: StagedRun) -> TrainingResult | None:
     """The augmented views (view 0 reused) and every candidate; None when that is the
-    preview's work again (no views, no other candidates)."""
+    preview's work again (no views, and every head already tried by the preview)."""
     views = run.config.augmentation.views
-    if views == 0 and preview_heads(run.config) == run.config.heads:
+    tried = {tuple(c.head.as_dict().values()) for c in preview_heads(run.config)}
+    if views == 0 and {tuple(c.head.as_dict().values()) for c in run.config.heads} <= tried:
         return None
     return run.fit("augmented", run.extract("augmented", views=views), run.config.heads)
 
@@ -238,7 +245,7 @@ def stage_summary(result: TrainingResult, elapsed_s: float, served: bool) -> dic
 
 def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
                       config: TrainingConfig, *, timings: dict[str, float] | None = None,
-                      heads: Sequence[HeadOptions] | None = None,
+                      heads: Sequence[HeadCandidate] | None = None,
                       folds: np.ndarray | None = None, stage: str = "augmented",
                       on_progress: ProgressCallback = lambda progress: None,
                       should_stop: StopCheck = lambda: False,
@@ -269,7 +276,6 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
     if folds is None:
         folds = stratified_folds(labels, fold_count(labels, config.validation_split),
                                  config.seed)
-    views = features.shape[1] - 1
 
     start = time.perf_counter()
     selection = cross_validate(tuple(heads or config.heads), features, labels, folds,
@@ -286,8 +292,7 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
                              max_epochs=None if chosen.spec.is_exact else chosen.best_epoch,
                              candidate="refit"))
 
-    everything = fitting.Fold(features.reshape(-1, features.shape[-1]),
-                              np.repeat(labels, 1 + views))
+    everything = fitting.Fold(*training_rows(chosen.candidate, features, labels))
     refit = fitting.fit_head(chosen.spec, everything, num_classes, config,
                              epochs=chosen.best_epoch, build=True, on_epoch=on_epoch,
                              should_stop=should_stop)
@@ -307,7 +312,7 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
     selection_report = selection.report()
     selection_report.update({
         "history": HISTORY, "validation": VALIDATION,
-        "refit": {"images": len(labels), "rows": m,
+        "refit": {"images": len(labels), "rows": m, "trained_on": chosen.trained_on,
                   "epochs": refit.epochs,
                   "how": ("solved exactly on every image's rows" if chosen.spec.is_exact else
                           "Adam for the chosen head's median best epoch over its folds, on "
@@ -326,7 +331,8 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
         "d_over_m": round(d / m, 4),
         "diagnosis": diagnose(d, m, training["accuracy"], validation["accuracy"], len(labels),
                               num_classes, candidates=len(selection.candidates),
-                              smaller_rejected=selection.smaller_rejected),
+                              smaller_rejected=selection.smaller_rejected,
+                              trained_on=chosen.trained_on),
         "head": chosen.spec.as_dict(),
         "selection": selection_report,
         "history": mean_history(chosen.histories),

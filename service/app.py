@@ -87,8 +87,7 @@ def create_app(settings: Settings | None = None, *,
     backbone.start()
     if settings.queue == "local":
         recovery.recover_jobs(services)
-        services.runner.start(lambda classifier_id, should_stop: _train(
-            services, classifier_id, should_stop))
+        services.runner.start(lambda job, should_stop: _train(services, job, should_stop))
     _start_sweeper(services)
     return app
 
@@ -117,11 +116,11 @@ def open_runner(settings: Settings):
     return CeleryRunner(settings)
 
 
-def _train(services: Services, classifier_id: str, should_stop: Callable[[], bool]) -> None:
+def _train(services: Services, job: str, should_stop: Callable[[], bool]) -> None:
     # NB: imported on the training thread, after fork: it loads TensorFlow.
     from service.jobs.training import run_training_job
 
-    run_training_job(services, classifier_id, should_stop)
+    run_training_job(services, job, should_stop)
 
 
 def _start_sweeper(services: Services) -> None:

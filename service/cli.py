@@ -1,6 +1,7 @@
 """`headstart`: Headstart's HTTP API from the command line.
 
-Commands mirror the API's nouns and verbs (create, list, show, report, predict, delete). Human
+Commands mirror the API's nouns and verbs (create, list, show, report, predict, delete, add,
+versions, alias, export). Human
 output goes to stdout, progress and errors to stderr; `--json` prints the API's documents as
 the server sent them. Exit status: 0 on success, 1 on an API or connection error (or a training
 that failed), 2 on a usage error.
@@ -196,11 +197,12 @@ def report(session: Session, classifier_id: str) -> None:
 @click.option("--threshold", type=click.FloatRange(0, 1),
               help="Reject predictions scoring below this (servers with rejection).")
 @click.option("--version", "version", type=click.IntRange(min=1),
-              help="Predict with this version (servers with versions).")
+              help="Predict with this version (default: production).")
+@click.option("--alias", help="Predict with the version this alias names.")
 @json_option
 @pass_session
 def predict(session: Session, classifier_id: str, files: tuple[str, ...], top_k: int | None,
-            threshold: float | None, version: int | None) -> None:
+            threshold: float | None, version: int | None, alias: str | None) -> None:
     """Classify images, one line per file.
 
     FILE may be a file, a folder (its images) or a glob pattern ('photos/*.jpg', expanded here
@@ -212,8 +214,10 @@ def predict(session: Session, classifier_id: str, files: tuple[str, ...], top_k:
         images = expand_images(files)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="FILE") from None
+    if version is not None and alias is not None:
+        raise click.UsageError("give --version or --alias, not both")
     document = session.client().predict(classifier_id, images, top_k=top_k, threshold=threshold,
-                                        version=version)
+                                        version=version, alias=alias)
 
     def lines(document: Document) -> list[str]:
         rows = []
@@ -263,9 +267,80 @@ def export(session: Session, classifier_id: str, format_: str, output: Path | No
     click.echo(str(written))
 
 
-#: The commands, in the order `headstart --help` lists them. A new one (add, versions, alias,
-#: ...) is a click command above, with `@json_option` and `@pass_session`, and a name here.
-COMMANDS = [create, list_classifiers, show, report, predict, delete, export]
+@click.command()
+@click.argument("classifier_id", metavar="ID")
+@click.argument("path", required=False, type=click.Path(exists=True, path_type=Path))
+@click.option("--options", "options_json", metavar="JSON",
+              help='Training options, plus "base": N, "replace": true, "promote": '
+                   '"if_better" | "always" | "never".')
+@click.option("--wait", is_flag=True, help="Wait until it has trained; print whether it took "
+                                           "production.")
+@json_option
+@pass_session
+def add(session: Session, classifier_id: str, path: Path | None, options_json: str | None,
+        wait: bool) -> None:
+    """Train a new version with more images.
+
+    PATH (a folder of label folders or a .zip; new labels allowed) is added to the base
+    version's images, production's by default; without PATH the version retrains those.
+    """
+    client = session.client()
+    try:
+        created = client.add_version(classifier_id, path, options=_parse_options(options_json))
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="PATH") from None
+    if not wait:
+        _print(session, created, _version_lines)
+        return
+    click.echo(f"version {created['version']} queued ({created['dataset']['images']} images)",
+               err=True)
+    shown = {"status": created["status"]}
+
+    def polled(document: Document) -> None:
+        if document["status"] != shown["status"]:
+            shown["status"] = document["status"]
+            click.echo(f"status: {document['status']}", err=True)
+
+    final = client.wait_version(classifier_id, created["version"], on_poll=polled)
+    _print(session, final, _version_lines)
+    if final["status"] != "ready":
+        fail(f"version {final['version']} is {final['status']}")
+
+
+@click.command()
+@click.argument("classifier_id", metavar="ID")
+@json_option
+@pass_session
+def versions(session: Session, classifier_id: str) -> None:
+    """List a classifier's versions, newest first, with their aliases."""
+    def lines(document: Document) -> list[str]:
+        rows = [(str(v["version"]), v["status"], str(v["dataset"]["images"]),
+                 str(len(v["labels"])),
+                 f"{v['metrics']['val_accuracy']:.3f}" if v.get("metrics") else "-",
+                 ",".join(v["aliases"]) or "-", v["created_at"][:19].replace("T", " "))
+                for v in document["versions"]]
+        return _table(("VERSION", "STATUS", "IMAGES", "LABELS", "VAL_ACC", "ALIASES", "CREATED"),
+                      rows)
+
+    _print(session, session.client().versions(classifier_id), lines)
+
+
+@click.command()
+@click.argument("classifier_id", metavar="ID")
+@click.argument("name")
+@click.argument("version", type=click.IntRange(min=1))
+@json_option
+@pass_session
+def alias(session: Session, classifier_id: str, name: str, version: int) -> None:
+    """Point alias NAME at VERSION (`production` is what predict uses by default)."""
+    document = session.client().alias(classifier_id, name, version)
+    _print(session, document, lambda d: [f"{n} -> version {v}" for n, v in d["aliases"].items()])
+
+
+#: The commands, in the order `headstart --help` lists them. A new one is a click command
+#: above, with `@json_option` and `@pass_session`, and a name here.
+COMMANDS = [create, list_classifiers, show, report, predict, delete, add, versions, alias,
+            export]
 for _command in COMMANDS:
     cli.add_command(_command)
 
@@ -323,6 +398,25 @@ def _status_text(classifier: dict[str, Any]) -> str:
         return classifier["status"]
     stage = (classifier.get("progress") or {}).get("training_stage")
     return f"{classifier['status']} · refining" + (f" ({stage})" if stage else "")
+
+
+def _version_lines(version: dict[str, Any]) -> list[str]:
+    dataset = version["dataset"]
+    counts = ", ".join(f"{label} {n}" for label, n in dataset["per_label"].items())
+    pairs = [("version", str(version["version"])), ("status", version["status"]),
+             ("base", str(version["base"]) if version.get("base") else "-"),
+             ("images", f"{dataset['images']} ({counts})"),
+             ("aliases", ", ".join(version["aliases"]) or "-")]
+    if version.get("metrics"):
+        pairs.append(("metrics", ", ".join(f"{name} {value:.4f}" for name, value
+                                           in version["metrics"].items())))
+    promotion = version.get("promotion")
+    if promotion:
+        pairs.append(("production", ("taken" if promotion["promoted"] else "not taken")
+                      + f": {promotion['reason']}"))
+    if version.get("error"):
+        pairs.append(("error", f"{version['error']['title']}: {version['error']['detail']}"))
+    return _pairs(pairs)
 
 
 def _progress_text(progress: dict[str, Any]) -> str:

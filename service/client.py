@@ -124,34 +124,40 @@ class Client:
         options = dict(options or {})
         if name is not None:
             options["name"] = name
-        path = Path(dataset)
-        if path.is_dir():
-            files = dataset_files(path)
-            if not files:
-                raise ValueError(f"{path}: the folder holds no files")
-            archive: Iterable[bytes] = zip_stream(files)
-            archive_size = None
-            source_size = sum(file.stat().st_size for _, file in files)
-        elif path.is_file() and path.suffix.lower() == ".zip":
-            archive, archive_size = _file_chunks(path), path.stat().st_size
-            source_size = archive_size
-        elif path.exists():
-            raise ValueError(f"{path}: give a folder of label folders or a .zip file")
-        else:
-            raise ValueError(f"{path}: no such file or folder")
+        return self._upload("/v1/classifiers", dataset, options, on_upload)
+
+    def _upload(self, url: str, dataset: str | os.PathLike | None, options: dict[str, Any],
+                on_upload: UploadCallback | None) -> Document:
+        """POSTs a multipart form of `options` and a dataset: a folder (zipped on the fly), a
+        .zip file (sent as it is), or none."""
         form = Multipart()
         if options:
             form.add("options", json.dumps(options).encode())
-        form.add("dataset", archive, filename=f"{path.stem or 'dataset'}.zip",
-                 content_type="application/zip", size=archive_size)
+        source_size = archive_size = None
+        if dataset is not None:
+            path = Path(dataset)
+            if path.is_dir():
+                files = dataset_files(path)
+                if not files:
+                    raise ValueError(f"{path}: the folder holds no files")
+                archive: Iterable[bytes] = zip_stream(files)
+                source_size = sum(file.stat().st_size for _, file in files)
+            elif path.is_file() and path.suffix.lower() == ".zip":
+                archive, archive_size = _file_chunks(path), path.stat().st_size
+            elif path.exists():
+                raise ValueError(f"{path}: give a folder of label folders or a .zip file")
+            else:
+                raise ValueError(f"{path}: no such file or folder")
+            form.add("dataset", archive, filename=f"{path.stem or 'dataset'}.zip",
+                     content_type="application/zip", size=archive_size)
         body = _counting(form.chunks(), on_upload, source_size if archive_size is None
-                         else form.length())
+                         and dataset is not None else form.length())
         headers = {"Content-Type": form.content_type}
         if form.length() is not None:
             headers["Content-Length"] = str(form.length())
         # NB: without a length, httpx sends the folder's zip with chunked transfer encoding,
         # which gunicorn accepts and Werkzeug reads to its end (wsgi.input_terminated).
-        return self._document("POST", "/v1/classifiers", content=body, headers=headers)
+        return self._document("POST", url, content=body, headers=headers)
 
     def list(self) -> Document:
         """`{"classifiers": [...]}`, newest first."""
@@ -168,6 +174,42 @@ class Client:
     def delete(self, classifier_id: str) -> None:
         """Cancels training if it runs and deletes everything of the classifier."""
         self._send("DELETE", f"/v1/classifiers/{_segment(classifier_id)}")
+
+    # ------------------------------------------------------------ versions and aliases
+
+    def add_version(self, classifier_id: str, dataset: str | os.PathLike | None = None, *,
+                    options: dict[str, Any] | None = None,
+                    on_upload: UploadCallback | None = None) -> Document:
+        """Queues a new version: the base version's images plus `dataset` (a folder or .zip;
+        None: the same images), `options` as the API's (training options, base, replace,
+        promote). Returns the queued version."""
+        return self._upload(f"/v1/classifiers/{_segment(classifier_id)}/versions", dataset,
+                            dict(options or {}), on_upload)
+
+    def versions(self, classifier_id: str) -> Document:
+        """`{"versions": [...]}`, newest first."""
+        return self._document("GET", f"/v1/classifiers/{_segment(classifier_id)}/versions")
+
+    def version(self, classifier_id: str, version: int) -> Document:
+        return self._document("GET", f"/v1/classifiers/{_segment(classifier_id)}/versions/"
+                                     f"{int(version)}")
+
+    def alias(self, classifier_id: str, name: str, version: int) -> Document:
+        """Points an alias at a version; `production` is what predict uses by default."""
+        return self._document("PUT", f"/v1/classifiers/{_segment(classifier_id)}/aliases/"
+                                     f"{_segment(name)}", json={"version": int(version)})
+
+    def wait_version(self, classifier_id: str, version: int, *, poll_s: float = 1.0,
+                     on_poll: Callable[[Document], None] = lambda document: None) -> Document:
+        """Polls a version until it has finished training and its promotion is settled."""
+        while True:
+            document = self.version(classifier_id, version)
+            on_poll(document)
+            if document["status"] in ("failed", "cancelled") or \
+                    document.get("promotion") is not None or \
+                    (document["status"] == "ready" and document["version"] == 1):
+                return document
+            time.sleep(poll_s)
 
     def export(self, classifier_id: str, format: str, target: str | os.PathLike | None = None, *,
                version: int | None = None, timeout_s: float = 900,
@@ -205,14 +247,16 @@ class Client:
 
     def predict(self, classifier_id: str, images: Sequence[str | os.PathLike | tuple[str, bytes]],
                 *, top_k: int | None = None, threshold: float | None = None,
-                version: int | None = None, batch_size: int = PREDICT_BATCH) -> Document:
+                version: int | None = None, alias: str | None = None,
+                batch_size: int = PREDICT_BATCH) -> Document:
         """Labels and scores for each image, in order: file paths or (name, bytes) pairs, sent
         in requests of at most `batch_size` images. One request's document is returned as the
         server sent it; several are joined into one of the same shape."""
         if not images:
             raise ValueError("give at least one image")
         query = {name: value for name, value in (("top_k", top_k), ("threshold", threshold),
-                                                 ("version", version)) if value is not None}
+                                                 ("version", version), ("alias", alias))
+                 if value is not None}
         path = f"/v1/classifiers/{_segment(classifier_id)}/predict"
         answers = []
         for start in range(0, len(images), batch_size):

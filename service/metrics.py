@@ -97,18 +97,18 @@ class _LiveCollector:
                 self._snapshots[which] = (time.monotonic(), records)
             return records
 
-    def _load(self, classifier_id: str) -> ClassifierRecord | None:
+    def _load(self, job: str) -> ClassifierRecord | None:
         try:
-            return self._store.load_record(classifier_id)
+            return self._store.load_job(job).record
         except HeadstartError:
             return None
 
     def _read_store(self) -> list[ClassifierRecord]:
         """Finished classifiers from the last full scan, jobs in flight from the index."""
-        active = {record.id: record for record in self._read("active")
+        active = {(record.id, record.version): record for record in self._read("active")
                   if record.status in ACTIVE_STATUSES}
-        finished = [record for record in self._read("all")
-                    if record.status not in ACTIVE_STATUSES and record.id not in active]
+        finished = [record for record in self._read("all") if record.status not in
+                    ACTIVE_STATUSES and (record.id, record.version) not in active]
         return [*active.values(), *finished]
 
     def collect(self):

@@ -191,6 +191,41 @@ def test_export_waits_for_the_build_then_writes_the_zip(server, created, tmp_pat
     assert refused.returncode == 1 and "Forbidden (403)" in refused.stderr
 
 
+def test_add_a_version_list_versions_alias_and_predict_by_version(server, created, tmp_path):
+    classifier_id = created[0]
+    more = tmp_path / "more"
+    for name, data in labelled_images(4, labels=("green",)).items():
+        (more / name).parent.mkdir(parents=True, exist_ok=True)
+        (more / name).write_bytes(data)
+    added = headstart("add", classifier_id, str(more), "--wait", "--options",
+                      json.dumps({"promote": "never"}), url=server.url)
+    assert added.returncode == 0, added.stderr
+    shown = dict(line.split(None, 1) for line in added.stdout.splitlines())
+    assert (shown["version"], shown["status"], shown["aliases"]) == ("2", "ready", "-")
+    assert shown["production"] == "not taken: promote: never"
+    assert shown["images"] == "44 (blue 20, green 4, red 20)"
+    listed = headstart("versions", classifier_id, url=server.url, key=PREDICT_KEY)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines()[1:]]
+    assert [(row[0], row[1], row[3], row[5]) for row in rows] == \
+        [("2", "ready", "3", "-"), ("1", "ready", "2", "production")]
+    image = tmp_path / "green.png"
+    image.write_bytes(labelled_images(1, labels=("green",))["green/0.png"])
+    by_version = headstart("predict", classifier_id, str(image), "--version", "2", "--json",
+                           url=server.url, key=PREDICT_KEY)
+    assert json.loads(by_version.stdout)["version"] == 2
+    moved = headstart("alias", classifier_id, "production", "2", url=server.url)
+    assert moved.returncode == 0 and "production -> version 2" in moved.stdout
+    assert json.loads(headstart("predict", classifier_id, str(image), "--json", url=server.url,
+                                key=PREDICT_KEY).stdout)["version"] == 2
+    refused = headstart("alias", classifier_id, "production", "1", url=server.url,
+                        key=PREDICT_KEY)
+    assert refused.returncode == 1 and "403" in refused.stderr
+    assert headstart("alias", classifier_id, "production", "1", url=server.url).returncode == 0
+    assert headstart("predict", classifier_id, str(image), "--version", "1", "--alias", "x",
+                     url=server.url).returncode == 2
+
+
 def test_create_a_zip_without_wait_then_delete_it(server, tmp_path):
     archive = tmp_path / "toys.zip"
     archive.write_bytes(dataset_zip(3))

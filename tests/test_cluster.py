@@ -240,6 +240,37 @@ def test_the_same_task_delivered_twice_runs_once(cluster):
     assert f"job {classifier_id}: classifier is ready, nothing to do" in cluster.log()
 
 
+def test_a_version_is_a_worker_job_on_s3_and_an_alias_moves_production_back(cluster):
+    first, second = cluster.apis
+    classifier_id = create(first, SMALL, per_label=6)
+    assert wait_for(second, classifier_id, finished, 120)["status"] == "ready"
+    before = predict(second, classifier_id)
+    body, content_type = multipart({
+        "dataset": [("more.zip", dataset_zip(4, labels=("green",)))],
+        "options": json.dumps({"promote": "always"})})
+    status, headers, queued = call("POST", f"{first}/v1/classifiers/{classifier_id}/versions",
+                                   body, content_type)
+    assert status == 202 and queued["version"] == 2, queued
+    assert cluster.s3.head_object(Bucket="headstart", Key=f"active/{classifier_id}.v2")
+    version = f"{second}/v1/classifiers/{classifier_id}/versions/2"
+    deadline = time.monotonic() + 120
+    while (resource := call("GET", version)[2])["promotion"] is None:
+        assert time.monotonic() < deadline, resource
+        time.sleep(0.3)
+    assert resource["status"] == "ready" and resource["aliases"] == ["production"], resource
+    stored = json.loads(cluster.s3.get_object(
+        Bucket="headstart", Key=f"classifiers/{classifier_id}/versions/2/record.json")["Body"]
+        .read())
+    assert stored["version"] == 2 and stored["attempts"] == 1 and stored["lease"] is None
+    assert f"job {classifier_id}.v2: ready" in cluster.log()  # a worker ran it, by its job id
+    assert predict(first, classifier_id)["version"] == 2
+    status, _, aliases = call("PUT", f"{second}/v1/classifiers/{classifier_id}/aliases/"
+                                     "production", json.dumps({"version": 1}).encode(),
+                              "application/json")
+    assert status == 200 and aliases["aliases"] == {"production": 1}
+    assert predict(first, classifier_id) == predict(second, classifier_id) == before
+
+
 def test_a_killed_worker_s_job_is_rerun_within_the_bound(cluster):
     api = cluster.apis[0]
     classifier_id = create(api, LONG, per_label=30)

@@ -89,10 +89,10 @@ def test_past_the_limit_concurrent_uploads_are_refused_and_no_accepted_one_is_lo
     inside, release = threading.Semaphore(0), threading.Event()
     save_dataset = store.save_dataset
 
-    def held(classifier_id, archive):
+    def held(*arguments):  # (classifier id, archive, version)
         inside.release()
         assert release.wait(timeout=60)
-        save_dataset(classifier_id, archive)
+        save_dataset(*arguments)
 
     monkeypatch.setattr(store, "save_dataset", held)
     responses = []

@@ -9,7 +9,7 @@ from models.augmentation import Augmentation, augment
 from models.backbone import FEATURE_DIM, build_vgg16
 from models.evaluation import evaluate
 from models.features import extract_features
-from models.options import AUTO_HEADS, AugmentationOptions, HeadOptions, TrainingConfig
+from models.options import AUTO_CANDIDATES, AugmentationOptions, HeadOptions, TrainingConfig
 from models.prediction import class_scores, rank
 from models.preprocessing import load_image
 from models.weights import IMAGENET_FINGERPRINT
@@ -194,7 +194,9 @@ def test_the_preview_cross_validates_only_the_exact_candidates(backbone):
                               on_stage=served.append)
     preview, augmented = (r.report["selection"]["candidates"] for r in served)
     assert [c["head"] for c in preview] == [h.as_dict() for h in AUTO_HEADS if h.is_exact]
-    assert [c["head"] for c in augmented] == [h.as_dict() for h in AUTO_HEADS]
+    assert {c["trained_on"] for c in preview} == {"original"}
+    assert [(c["head"], c["trained_on"]) for c in augmented] == [
+        (c.head.as_dict(), c.trained_on) for c in TrainingConfig().heads]
 
 
 def test_a_stage_that_would_repeat_the_preview_is_skipped(backbone):
@@ -272,13 +274,19 @@ def test_training_learns_a_separable_toy_task_and_reports(backbone):
 
 
 def test_the_default_grid_is_what_train_classifier_cross_validates(backbone):
-    assert TrainingConfig().heads == AUTO_HEADS
+    assert TrainingConfig().heads == AUTO_CANDIDATES
     images, labels, names = toy_images(per_label=4)
     config = TrainingConfig(augmentation=AugmentationOptions(views=1), max_epochs=20)
     report = training.train_classifier(images, labels, names, backbone, config).report
-    tried = [candidate["head"] for candidate in report["selection"]["candidates"]]
-    assert tried == [head.as_dict() for head in AUTO_HEADS]
-    assert report["selection"]["rule"] == "one standard error"
+    tried = [{"head": candidate["head"], "trained_on": candidate["trained_on"]}
+             for candidate in report["selection"]["candidates"]]
+    assert tried == [candidate.as_dict() for candidate in AUTO_CANDIDATES]
+    assert report["selection"]["rule"].startswith("lowest validation loss along each L2 path")
+    chosen = report["selection"]["candidates"][report["selection"]["chosen"]]
+    assert report["selection"]["refit"]["trained_on"] == chosen["trained_on"]
+    assert report["selection"]["refit"]["rows"] == report["m"]["train_after_augmentation"] == (
+        8 if chosen["trained_on"] == "original" else 16)
+    tried = [candidate["head"] for candidate in tried]
     assert report["selection"]["k"] == 4  # the smallest label has 4 images
     # Both ends the benchmarks need: weak L2 (1e-4) and strong (1), and one hidden layer.
     l2s = [head["l2"] for head in tried if head["hidden_units"] == 0]

@@ -14,8 +14,11 @@ from models import fitting, heads, logistic
 from models.diagnosis import diagnose
 from models.evaluation import evaluate
 from models.options import (
+    AUTO_CANDIDATES,
     AUTO_HEADS,
+    L2_PATH,
     AugmentationOptions,
+    HeadCandidate,
     HeadOptions,
     TrainingConfig,
     TrainingOptions,
@@ -25,9 +28,12 @@ from models.selection import (
     LOSS_RESOLUTION,
     ONE_STANDARD_ERROR,
     CandidateResult,
+    choose,
     cross_validate,
+    lowest_along_paths,
     mean_history,
     one_standard_error,
+    training_rows,
 )
 from models.splits import fold_count, stratified_folds, stratified_split
 
@@ -142,13 +148,14 @@ def test_a_solved_linear_head_scores_raw_features_like_the_solution():
 # ---------------------------------------------------------------- cross-validation and the rule
 
 
-def candidate(l2: float, hidden: int, losses, accuracies=None) -> CandidateResult:
+def candidate(l2: float, hidden: int, losses, accuracies=None,
+              trained_on: str = "augmented") -> CandidateResult:
     losses = np.array(losses, float)
     return CandidateResult(HeadOptions(hidden_units=hidden, dropout=0.0, l2=l2),
                            HeadOptions(hidden_units=hidden, l2=l2).parameters(10, 2), losses,
                            np.array(accuracies if accuracies else [0.9] * len(losses)),
                            [1] * len(losses), [False] * len(losses), [[]] * len(losses),
-                           np.zeros((4, 2)))
+                           np.zeros((4, 2)), trained_on=trained_on)
 
 
 def test_one_standard_error_prefers_the_smallest_head_within_one_se_of_the_best():
@@ -165,6 +172,113 @@ def test_one_standard_error_breaks_ties_of_size_by_stronger_l2():
     strong = candidate(0.3, 0, [0.2004, 0.2004, 0.2004])  # within LOSS_RESOLUTION
     assert one_standard_error([weak, strong], 10, 2) == 1
     assert LOSS_RESOLUTION > 4e-4
+
+
+def test_along_an_l2_path_the_lowest_loss_wins_not_the_strongest_within_one_se():
+    # hymenoptera's augmented path (bench/RESULTS.md): L2 1 is within a standard error of the
+    # lowest loss (L2 0.3), and the one-standard-error rule alone would take it.
+    path = [candidate(3.0, 0, [0.26, 0.27, 0.25, 0.28, 0.25]),
+            candidate(1.0, 0, [0.20, 0.24, 0.19, 0.25, 0.19]),   # mean 0.214
+            candidate(0.3, 0, [0.16, 0.24, 0.15, 0.26, 0.15]),   # mean 0.192, SE 0.024
+            candidate(0.1, 0, [0.15, 0.26, 0.14, 0.28, 0.15])]   # mean 0.196
+    assert path[1].loss_mean <= path[2].loss_mean + path[2].loss_se < path[0].loss_mean
+    assert lowest_along_paths(path) == [2]
+    assert choose(path, 10, 2) == 2
+
+
+def test_ties_on_a_path_go_to_the_stronger_l2():
+    path = [candidate(1e-3, 0, [0.1, 0.1, 0.1]), candidate(0.3, 0, [0.1008, 0.1008, 0.1008]),
+            candidate(3.0, 0, [0.2, 0.2, 0.2])]
+    assert lowest_along_paths(path) == [1]
+
+
+def test_between_paths_the_smaller_head_wins_within_one_standard_error():
+    linear = [candidate(1.0, 0, [0.30, 0.34, 0.29, 0.35, 0.32]),  # the path point: mean 0.32
+              candidate(3.0, 0, [0.40, 0.41, 0.39, 0.42, 0.40])]
+    close = candidate(1e-3, 64, [0.20, 0.40, 0.25, 0.35, 0.30])   # mean 0.30, SE 0.035
+    assert choose([*linear, close], 10, 2) == 0
+    far = candidate(1e-3, 64, [0.20, 0.30, 0.22, 0.28, 0.25])     # mean 0.25, SE 0.019
+    assert choose([*linear, far], 10, 2) == 2
+
+
+def test_paths_of_the_same_size_go_to_the_lower_loss():
+    augmented = candidate(0.3, 0, [0.19, 0.20, 0.18, 0.21, 0.19])
+    original = candidate(3.0, 0, [0.20, 0.21, 0.19, 0.22, 0.20], trained_on="original")
+    # Within a standard error of each other, and the original-only one has the stronger L2:
+    # neither is the smaller hypothesis, so the lower validation loss decides.
+    assert choose([augmented, original], 10, 2) == 0
+    assert choose([original.__class__(**{**original.__dict__, "fold_losses":
+                                         original.fold_losses - 0.02}), augmented], 10, 2) == 0
+
+
+def test_candidates_trained_on_originals_use_view_0_only():
+    features, labels = blobs(per_label=6, views=3)
+    probe = HeadCandidate(head=LINEAR, trained_on="original")
+    x, y = training_rows(probe, features, labels)
+    np.testing.assert_array_equal(x, features[:, 0])
+    np.testing.assert_array_equal(y, labels)
+    x, y = training_rows(HeadCandidate(head=LINEAR), features, labels)
+    assert x.shape == (4 * len(labels), features.shape[-1])
+    np.testing.assert_array_equal(y, np.repeat(labels, 4))
+
+
+def test_when_augmented_views_mislead_the_probe_is_chosen():
+    # Augmented views that carry the other label's signal: every head trained on them learns
+    # the wrong thing, the originals alone do not, and the folds (scored on originals) show it.
+    features, labels = blobs(per_label=20, views=4, separation=3.0)
+    features[:, 1:, 0] = 3.0 * (1 - labels[:, None])
+    folds = stratified_folds(labels, 5, seed=0)
+    specs = [*(HeadCandidate(head=HeadOptions(hidden_units=0, dropout=0.0, l2=l2))
+               for l2 in (1.0, 0.1)),
+             *(HeadCandidate(head=HeadOptions(hidden_units=0, dropout=0.0, l2=l2),
+                             trained_on="original") for l2 in (1.0, 0.1))]
+    selection = cross_validate(specs, features, labels, folds, 2, TrainingConfig())
+    assert selection.result.trained_on == "original"
+    assert selection.result.accuracy_mean > 0.8
+    assert max(c.accuracy_mean for c in selection.candidates[:2]) < 0.5
+    probe = [c for c in selection.candidates if c.trained_on == "original"]
+    for fold in range(5):  # out of fold, from a fit on the originals of the other folds
+        train, held_out = folds != fold, folds == fold
+        solved = fitting.fit_head(probe[0].spec, fitting.Fold(
+            features[train, 0], labels[train], features[held_out, 0], labels[held_out]), 2,
+            TrainingConfig())
+        np.testing.assert_allclose(probe[0].out_of_fold[held_out], solved.val_probabilities,
+                                   atol=1e-6)
+    assert [c["trained_on"] for c in selection.report()["candidates"]] == \
+        ["augmented", "augmented", "original", "original"]
+
+
+def test_the_default_grid_chooses_by_the_rule_and_its_diagnosis_agrees():
+    features, labels = blobs(per_label=15, views=2, dim=48, separation=1.5)
+    folds = stratified_folds(labels, 5, seed=0)
+    config = TrainingConfig(max_epochs=30, patience=5)
+    assert config.candidates == AUTO_CANDIDATES
+    selection = cross_validate(config.heads, features, labels, folds, 2, config)
+    candidates, chosen = selection.candidates, selection.result
+    assert len(candidates) == 2 * len(L2_PATH) + 1
+    assert {c.trained_on for c in candidates} == {"augmented", "original"}
+    assert selection.rule == ONE_STANDARD_ERROR
+    # On its path the chosen head has the lowest mean loss (up to the resolution) ...
+    path = [c for c in candidates if c.candidate.path == chosen.candidate.path]
+    assert chosen.loss_mean <= min(c.loss_mean for c in path) + LOSS_RESOLUTION
+    # ... and every other path's point is worse by more than the threshold, or bigger, or as
+    # big with a higher loss.
+    report = selection.report()
+    assert selection.chosen in report["path_best"] and len(report["path_best"]) == 3
+    for i in report["path_best"]:
+        other = candidates[i]
+        assert (other.loss_mean > report["threshold"] or other.d > chosen.d
+                or (other.d == chosen.d and other.loss_mean >= chosen.loss_mean)
+                or i == selection.chosen)
+    # The diagnosis may not call the chosen head too big: every smaller head lost.
+    key = chosen.spec.size_key(48, 2)
+    smaller = [c for c in candidates if c.spec.size_key(48, 2) < key]
+    assert selection.smaller_rejected == len(smaller)
+    assert all(c.loss_mean >= chosen.loss_mean for c in smaller)
+    notes = " ".join(diagnose(chosen.d, 60, 1.0, chosen.accuracy_mean, 30, 2,
+                              candidates=len(candidates),
+                              smaller_rejected=selection.smaller_rejected))
+    assert "smaller head" not in notes and "can memorise" not in notes
 
 
 def test_with_few_separable_examples_the_rule_keeps_the_linear_head():
@@ -255,7 +369,16 @@ def test_diagnosis_does_not_call_the_chosen_head_too_big_when_smaller_ones_lost(
                      num_classes=2, candidates=12, smaller_rejected=3)
     text = " ".join(notes)
     assert "d/m = 4.18" in text and "smaller head" not in text
-    assert "cross-validation tried 3 smaller" in text
+    assert "cross-validation tried 3 smaller" in text and "none had a lower" in text
+    assert "augmented views (augmentation.views)" in text
+
+
+def test_diagnosis_of_a_probe_does_not_advise_more_augmentation():
+    notes = " ".join(diagnose(d=4098, m=245, train_accuracy=1.0, val_accuracy=0.8,
+                              validation_size=245, num_classes=2, candidates=23,
+                              smaller_rejected=3, trained_on="original"))
+    assert "augmentation" not in notes and "original images only" in notes
+    assert "overfits" in notes and "smaller head" not in notes
 
 
 def test_diagnosis_suggests_a_smaller_head_only_for_a_fixed_head():
@@ -291,8 +414,13 @@ def test_a_config_of_options_keeps_every_option_and_the_grid():
     config = TrainingConfig.of(options, max_image_pixels=1000)
     assert config.validation_split == 0.25 and config.seed == 3 and config.max_image_pixels == 1000
     assert config.augmentation.views == 2
-    assert config.heads == (HeadOptions(hidden_units=8, dropout=0.1, l2=0.5),)
-    assert TrainingConfig.of(TrainingOptions()).heads == AUTO_HEADS
+    assert config.heads == (HeadCandidate(head=HeadOptions(hidden_units=8, dropout=0.1, l2=0.5)),)
+    assert TrainingConfig.of(TrainingOptions()).heads == AUTO_CANDIDATES
+    assert [c.head for c in AUTO_CANDIDATES if c.trained_on == "augmented"] == list(AUTO_HEADS)
+    # A plain head given as a candidate trains on augmented rows.
+    assert TrainingConfig(candidates=(LINEAR,)).candidates == (HeadCandidate(head=LINEAR),)
+    with pytest.raises(ValidationError):
+        HeadCandidate(head=LINEAR, trained_on="augmented views")
 
 
 def test_options_and_the_rules_import_without_tensorflow():

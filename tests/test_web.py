@@ -392,6 +392,44 @@ def test_axe_finds_no_serious_violations(server, trained, page):
     assert_accessible(page)
 
 
+def test_versions_add_images_make_production_and_roll_back(server, page):
+    from playwright.sync_api import expect
+
+    classifier_id = create(server)
+    wait_ready(server, classifier_id)
+    page.goto(f"{server}/#/classifiers/{classifier_id}")
+    rows = page.get_by_test_id("version-row")
+    expect(rows).to_have_count(1)
+    expect(rows.first.get_by_test_id("version-alias")).to_have_text("production")
+
+    # Add images (a new label) as a new version that does not take production by itself.
+    green = make_zip(labelled_images(4, labels=("green",)))
+    page.get_by_test_id("version-zip-input").set_input_files(
+        {"name": "green.zip", "mimeType": "application/zip", "buffer": green})
+    page.get_by_test_id("promote-select").select_option("never")
+    page.get_by_test_id("add-version-button").click()
+    second = page.locator("[data-testid=version-row][data-version='2']")
+    expect(second.get_by_test_id("version-status")).to_have_text("ready", timeout=WAIT_MS)
+    expect(second).to_contain_text("kept out of production: promote: never", timeout=WAIT_MS)
+    expect(second).to_contain_text("3 labels")
+    assert_accessible(page)
+    screenshot(page, "versions.png", page.get_by_test_id("versions"))
+
+    # Make it production: the page now serves version 2 (three labels) ...
+    second.get_by_test_id("make-production").click()
+    expect(second.get_by_test_id("version-alias")).to_have_text("production")
+    expect(page.get_by_test_id("make-production")).to_have_count(1)  # on version 1's row only
+    resource = json.loads(call("GET", f"{server}/v1/classifiers/{classifier_id}")[1])
+    assert resource["version"] == 2 and resource["aliases"] == {"production": 2}
+    # ... and moving it back is the rollback.
+    page.locator("[data-testid=version-row][data-version='1']").get_by_test_id(
+        "make-production").click()
+    expect(page.locator("[data-testid=version-row][data-version='1']")
+           .get_by_test_id("version-alias")).to_have_text("production")
+    resource = json.loads(call("GET", f"{server}/v1/classifiers/{classifier_id}")[1])
+    assert resource["version"] == 1 and resource["labels"] == ["blue", "red"]
+
+
 def test_the_report_shows_health_and_calibration_and_try_it_shows_rejection(server, page):
     """A planted copy in two folds (8 folds of one image per label each), then an image unlike
     any training image, and a threshold of 1."""

@@ -4,6 +4,7 @@ models; and the interactive docs page (Swagger UI 5, which reads OpenAPI 3.1, se
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -50,7 +51,7 @@ def build_document(app, title: str, version: str) -> dict[str, Any]:
         meta = getattr(view, "openapi", None)
         if meta is None:
             continue
-        path = rule.rule.replace("<", "{").replace(">", "}")
+        path = _PATH_ARGUMENT.sub(r"{\1}", rule.rule)
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
             operation = _operation(rule, view, meta, models)
             _secure(operation, required_scope(method, rule.rule, rule.endpoint))
@@ -66,6 +67,11 @@ def build_document(app, title: str, version: str) -> dict[str, Any]:
         "components": {"schemas": definitions.get("$defs", {}),
                        "securitySchemes": {"bearer": _BEARER}},
     }
+
+
+#: A Flask path argument, with its converter if it names one: `<id>`, `<int:version>`.
+_PATH_ARGUMENT = re.compile(r"<(?:\w+:)?(\w+)>")
+_INT_ARGUMENT = re.compile(r"<int:(\w+)>")
 
 
 def _secure(operation: dict[str, Any], scope: str | None) -> None:
@@ -88,8 +94,10 @@ def _operation(rule, view, meta: dict, models: set) -> dict[str, Any]:
                                  "responses": {}}
     if len(doc.splitlines()) > 1:
         operation["description"] = "\n".join(line.strip() for line in doc.splitlines()[1:]).strip()
-    parameters = [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-                  for name in rule.arguments]
+    integers = set(_INT_ARGUMENT.findall(rule.rule))
+    parameters = [{"name": name, "in": "path", "required": True,
+                   "schema": {"type": "integer" if name in integers else "string"}}
+                  for name in sorted(rule.arguments)]
     if meta["query"] is not None:
         query_schema = meta["query"].model_json_schema()
         for name, schema in query_schema.get("properties", {}).items():

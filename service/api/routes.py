@@ -10,13 +10,14 @@ from pydantic import BaseModel, ValidationError
 from service.api import plots
 from service.api.openapi import documented
 from service.api.auth import ADMIN, PREDICT, ApiKey, authorize
-from service.api.schemas import (AuthOut, Classifier, ClassifierList, EventsQuery, LabelScore, ListQuery,
-                                 Prediction, PredictionResponse, PredictQuery, PredictRequest,
-                                 Report, SkippedFileOut, Suggestion, SuggestQuery, SuggestResponse,
-                                 TrainingOptions)
+from service.api.schemas import (AliasIn, Aliases, AuthOut, Classifier, ClassifierList,
+                                 EventsQuery, LabelScore, ListQuery, Prediction,
+                                 PredictionResponse, PredictQuery, PredictRequest, Report,
+                                 SkippedFileOut, Suggestion, SuggestQuery, SuggestResponse,
+                                 TrainingOptions, Version, VersionList, VersionOptions)
 from service.errors import BadRequest, Forbidden, PayloadTooLarge, Unprocessable
 from service.api.schemas import ExportJob, ExportQuery
-from service.jobs import classifiers, events, export, prediction
+from service.jobs import classifiers, events, export, prediction, versions
 from service.jobs.services import Services
 
 api = Blueprint("v1", __name__, url_prefix="/v1")
@@ -90,7 +91,7 @@ def _most_values(raw: str | bytes) -> int:
     return raw.count(b",") + raw.count(b"[") + raw.count(b"{") + 1
 
 
-def _options() -> TrainingOptions:
+def _options(model: type[TrainingOptions] = TrainingOptions) -> TrainingOptions:
     raw = request.form.get("options")  # a form field: MAX_FORM_MEMORY_SIZE bounds it (413)
     if raw is None and "options" in request.files:
         raw = request.files["options"].read(MAX_OPTIONS_BYTES + 1)
@@ -99,8 +100,8 @@ def _options() -> TrainingOptions:
                                   f"{MAX_OPTIONS_BYTES} bytes")
         raw = raw.decode("utf-8", "replace")
     if raw is None or not raw.strip():
-        return TrainingOptions()
-    return parse(TrainingOptions, parse_json(raw, "options", MAX_OPTIONS_VALUES), "options")
+        return model()
+    return parse(model, parse_json(raw, "options", MAX_OPTIONS_VALUES), "options")
 
 
 @api.get("/auth")
@@ -145,17 +146,16 @@ def create_classifier():
 def list_classifiers():
     """List classifiers, newest first, a page at a time."""
     query = parse(ListQuery, request.args.to_dict(), "query")
-    records, cursor = classifiers.list_classifiers(services(), query.limit, query.cursor)
-    return json_response(ClassifierList(classifiers=[Classifier.from_record(r) for r in records],
-                                        next_cursor=cursor))
+    views, cursor = classifiers.list_classifiers(services(), query.limit, query.cursor)
+    return json_response(ClassifierList(
+        classifiers=[Classifier.from_record(*view) for view in views], next_cursor=cursor))
 
 
 @api.get("/classifiers/<classifier_id>")
 @documented(responses={200: Classifier, 404: None})
 def get_classifier(classifier_id: str):
-    """Get a classifier: status, progress, labels and metrics."""
-    return json_response(Classifier.from_record(
-        classifiers.get_classifier(services(), classifier_id)))
+    """Get a classifier: status, progress, labels and metrics (of its production version)."""
+    return json_response(Classifier.from_record(*classifiers.get_view(services(), classifier_id)))
 
 
 @api.get("/classifiers/<classifier_id>/report")
@@ -179,8 +179,8 @@ def classifier_events(classifier_id: str):
     wiring = services()  # NB: the stream is read after the request context has gone
 
     def resource() -> dict:
-        record = classifiers.get_classifier(wiring, classifier_id)
-        return Classifier.from_record(record).model_dump(mode="json")
+        return Classifier.from_record(*classifiers.get_view(wiring, classifier_id)).model_dump(
+            mode="json")
 
     stream = events.follow(resource, wiring.settings,
                            current_app.extensions["headstart.event_streams"], classifier_id,
@@ -198,15 +198,16 @@ def classifier_events(classifier_id: str):
 def predict(classifier_id: str):
     """Classify one or more images.
 
-    Send multipart `image` parts, or JSON `{"instances": [{"b64": "..."}]}`. Scores are
-    calibrated; an image below the threshold or unlike the training images has `label` null,
-    `rejected` true and a `reason`.
+    Send multipart `image` parts, or JSON `{"instances": [{"b64": "..."}]}`. Production's
+    version answers unless `version` or `alias` names another. Scores are calibrated; an image
+    below the threshold or unlike the training images has `label` null, `rejected` true and a
+    `reason`.
     """
     args = request.args.to_dict()
     threshold = prediction.parse_threshold(args.pop("threshold", None))
     query = parse(PredictQuery, args, "query")
     # NB: before the body is read: an unknown or unready classifier costs nothing more.
-    record = prediction.servable_record(services(), classifier_id)
+    record = prediction.servable_record(services(), classifier_id, query.version, query.alias)
     # NB: its own, smaller limit, enforced by Werkzeug while reading (chunked bodies too).
     settings = services().settings
     request.max_content_length = settings.max_predict_bytes
@@ -220,7 +221,8 @@ def predict(classifier_id: str):
         prediction.check_image_count(services(), len(parts))
         images = [part.read() for part in parts]
     answers = prediction.predict(services(), record, images, query.top_k, threshold)
-    return json_response(PredictionResponse(classifier_id=classifier_id, predictions=[
+    return json_response(PredictionResponse(classifier_id=classifier_id, version=record.version,
+                                            predictions=[
         Prediction(label=answer.label, score=answer.score, rejected=answer.rejected,
                    reason=answer.reason,
                    top_k=[LabelScore(label=label, score=score) for label, score in answer.top_k])
@@ -293,6 +295,82 @@ def get_report_confusion(classifier_id: str):
     """The validation confusion matrix as a heat map, as an SVG image."""
     report, name = _report_and_name(classifier_id)
     return _svg(plots.confusion_svg(report, name), f"{classifier_id}-confusion.svg")
+# ---------------------------------------------------------------- versions and aliases
+
+_ADD = {"multipart/form-data": {"schema": {"type": "object", "properties": {
+    "dataset": {"type": "string", "format": "binary",
+                "description": "A .zip of images to add; top-level folders are labels (new "
+                               "ones allowed)"},
+    "options": {"type": "string", "description": "JSON VersionOptions: training options, "
+                                                 "base, replace, promote"},
+}}}}
+
+
+@api.post("/classifiers/<classifier_id>/versions")
+@documented(body=_ADD, responses={202: Version, 400: None, 404: None, 413: None, 422: None,
+                                  503: None})
+def add_version(classifier_id: str):
+    """Train a new version: the base version's images plus those sent (or only those).
+
+    Answers at once with the queued version; when it is ready it takes `production` as
+    `promote` says (default `if_better`).
+    """
+    request.max_form_memory_size = MAX_OPTIONS_BYTES
+    upload = request.files.get("dataset")
+    options = _options(VersionOptions)
+    with current_app.extensions["headstart.uploads"].slot():
+        record = versions.add_version(services(), classifier_id,
+                                      upload.stream if upload else None, options)
+    location = url_for("v1.get_version", classifier_id=classifier_id, version=record.version)
+    return json_response(Version.from_record(record, versions.get_version(
+        services(), classifier_id, record.version)[1]), 202, Location=location)
+
+
+@api.get("/classifiers/<classifier_id>/versions")
+@documented(responses={200: VersionList, 404: None})
+def list_versions(classifier_id: str):
+    """List a classifier's versions, newest first."""
+    records, state = versions.list_versions(services(), classifier_id)
+    return json_response(VersionList(versions=[Version.from_record(r, state) for r in records]))
+
+
+@api.get("/classifiers/<classifier_id>/versions/<int:version>")
+@documented(responses={200: Version, 404: None})
+def get_version(classifier_id: str, version: int):
+    """Get one version: status, dataset, metrics, aliases and its promotion."""
+    return json_response(Version.from_record(*versions.get_version(services(), classifier_id,
+                                                                   version)))
+
+
+@api.get("/classifiers/<classifier_id>/versions/<int:version>/report")
+@documented(responses={200: Report, 404: None, 409: None})
+def get_version_report(classifier_id: str, version: int):
+    """Get the training report of one version."""
+    return json_response(Report.model_validate_json(
+        versions.get_version_report(services(), classifier_id, version)))
+
+
+@api.delete("/classifiers/<classifier_id>/versions/<int:version>")
+@documented(responses={204: None, 404: None, 409: None})
+def delete_version(classifier_id: str, version: int):
+    """Delete a version; 409 while an alias points at it or it is training."""
+    versions.delete_version(services(), classifier_id, version)
+    return Response(status=204)
+
+
+@api.put("/classifiers/<classifier_id>/aliases/<name>")
+@documented(body={"application/json": AliasIn}, responses={200: Aliases, 404: None, 409: None,
+                                                            422: None})
+def set_alias(classifier_id: str, name: str):
+    """Point an alias at a ready version; `production` is the one predict uses by default.
+
+    Moving `production` back to an earlier version restores its predictions exactly.
+    """
+    body = parse(AliasIn, parse_json(request.get_data(), "the body", 10), "body")
+    state = versions.set_alias(services(), classifier_id, name, body.version)
+    return json_response(Aliases(classifier_id=classifier_id, aliases=state.aliases))
+
+
 # ---------------------------------------------------------------- export
 
 

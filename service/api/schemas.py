@@ -10,10 +10,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.export import FORMATS as EXPORT_FORMATS
-from models.options import AugmentationOptions, HeadOptions, Strict, TrainingOptions
-from service.storage.records import ClassifierRecord, Status
+from models.options import (AugmentationOptions, HeadOptions, Strict, TrainingOptions,
+                            VersionOptions)
+from service.storage.records import ClassifierRecord, ClassifierVersions, Status
 
-__all__ = ["AugmentationOptions", "HeadOptions", "TrainingOptions"]  # part of the public API
+__all__ = ["AugmentationOptions", "HeadOptions", "TrainingOptions",  # part of the public API
+           "VersionOptions"]
 
 
 # ---------------------------------------------------------------- classifier resource
@@ -102,22 +104,79 @@ class Classifier(BaseModel):
     refining: bool = Field(
         False, description="Ready, and a later stage is still training: a better head may "
                            "replace the served one (then `progress` is non-null too)")
+    version: int = Field(1, description="The version `production` names: what predict uses")
+    versions: int = Field(1, description="How many versions there are")
+    aliases: dict[str, int] = Field({"production": 1}, description="Alias → version")
     threshold: float | None = Field(
         None, description="The default rejection threshold on the calibrated top score, chosen "
                           "on validation (training option reject); null before the classifier is "
                           "ready or for one trained before it existed")
 
     @classmethod
-    def from_record(cls, record: ClassifierRecord) -> Classifier:
-        """The public view of a stored record: only the fields this model declares."""
-        data = record.model_dump(include=set(cls.model_fields))
-        if data["dataset"].get("skipped_total") is None:  # records written before it was kept
-            data["dataset"]["skipped_total"] = len(data["dataset"]["skipped"])
-        for name, model in (("dataset", DatasetSummary), ("progress", ProgressOut)):
-            if data.get(name) is not None:
-                data[name] = {key: value for key, value in data[name].items()
-                              if key in model.model_fields}
-        return cls.model_validate(data)
+    def from_record(cls, record: ClassifierRecord,
+                    versions: ClassifierVersions | None = None) -> Classifier:
+        """The public view of production's stored record: only the fields this model declares."""
+        versions = versions or ClassifierVersions()
+        return cls.model_validate({**_public(record, cls), "version": record.version,
+                                   "versions": len(versions.versions),
+                                   "aliases": versions.aliases})
+
+
+def _public(record: ClassifierRecord, model: type[BaseModel]) -> dict:
+    """A stored record's fields that `model` declares, the nested ones cut to theirs too."""
+    data = record.model_dump(include=set(model.model_fields))
+    if data["dataset"].get("skipped_total") is None:  # records written before it was kept
+        data["dataset"]["skipped_total"] = len(data["dataset"]["skipped"])
+    for name, part in (("dataset", DatasetSummary), ("progress", ProgressOut)):
+        if data.get(name) is not None:
+            data[name] = {key: value for key, value in data[name].items()
+                          if key in part.model_fields}
+    return data
+
+
+class Version(BaseModel):
+    """One version of a classifier: one training run on one dataset."""
+
+    version: int
+    status: Status
+    labels: list[str]
+    created_at: datetime
+    updated_at: datetime
+    dataset: DatasetSummary
+    progress: ProgressOut | None = None
+    metrics: MetricsOut | None = None
+    fine_tuned: dict[str, Any] | None = Field(
+        None, description="The fine-tuned blocks, or null for a frozen backbone")
+    threshold: float | None = Field(None, description="Its default rejection threshold")
+    error: ErrorOut | None = None
+    aliases: list[str] = Field(description="The aliases that point at this version")
+    base: int | None = Field(None, description="The version whose images this one started from "
+                                               "(null: only its own, `replace`)")
+    promote: Literal["if_better", "always", "never"]
+    promotion: dict[str, Any] | None = Field(
+        None, description="Once trained: whether it took production and why (the comparison on "
+                          "images production never trained on)")
+    options: TrainingOptions
+
+    @classmethod
+    def from_record(cls, record: ClassifierRecord, versions: ClassifierVersions) -> Version:
+        data = _public(record, cls)
+        data["fine_tuned"] = getattr(record, "fine_tuned", None)
+        return cls.model_validate({**data, "aliases": versions.aliases_of(record.version),
+                                   "promotion": versions.promotions.get(str(record.version))})
+
+
+class VersionList(BaseModel):
+    versions: list[Version] = Field(description="Newest first")
+
+
+class AliasIn(Strict):
+    version: int = Field(ge=1, description="The version the alias points at")
+
+
+class Aliases(BaseModel):
+    classifier_id: str
+    aliases: dict[str, int]
 
 
 class ClassifierList(BaseModel):
@@ -155,6 +214,7 @@ class Prediction(BaseModel):
 
 class PredictionResponse(BaseModel):
     classifier_id: str
+    version: int = Field(1, description="The version that answered")
     predictions: list[Prediction]
 
 
@@ -174,6 +234,10 @@ class ListQuery(Strict):
 
 class PredictQuery(Strict):
     top_k: int = Field(5, ge=1, le=1000, description="How many labels to list per image")
+    version: int | None = Field(None, ge=1, description="Predict with this version; default: "
+                                                          "production")
+    alias: str | None = Field(None, max_length=40, description="Predict with the version this "
+                                                               "alias names")
     threshold: float | None = Field(
         None, ge=0, le=1, description="Reject predictions whose calibrated top score is below "
                                       "this (400 outside 0-1); default: the classifier's "
@@ -340,6 +404,9 @@ class Report(BaseModel):
     backbone: BackboneOut
     device: str = Field(description="Where the head was trained and features extracted")
     precision: str = Field("float32", description="The backbone's compute precision in training")
+    promotion: dict[str, Any] | None = Field(
+        None, description="Versions 2 and up: this version against production's, on the images "
+                          "production never trained on (null for a first version)")
     calibration: CalibrationOut | None = Field(
         None, description="Temperature scaling fitted on the out-of-fold scores; null for "
                           "classifiers trained before it existed")

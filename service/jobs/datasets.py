@@ -85,8 +85,12 @@ class DatasetLimits:
     max_labels: int = 1_000
 
 
-def read_dataset_zip(stream: typing.BinaryIO, limits: DatasetLimits = DatasetLimits()) -> Dataset:
+def read_dataset_zip(stream: typing.BinaryIO, limits: DatasetLimits = DatasetLimits(), *,
+                     complete: bool = True) -> Dataset:
     """Reads an uploaded dataset zip into a Dataset, or raises the 4xx error saying what is wrong.
+
+    `complete=False` reads a part of a dataset (images added to a new version): the counts of
+    labels and images per label are then checked on the whole (`check_counts`).
 
     Raises:
         BadRequest: not a zip, a corrupt or unsafe archive, a label with control characters.
@@ -101,7 +105,8 @@ def read_dataset_zip(stream: typing.BinaryIO, limits: DatasetLimits = DatasetLim
         _check_label_names(set(labels.values()), limits.max_labels)
         images, skipped, skipped_by_label = _read_images(archive, files, depth, labels, limits)
     label_names = sorted(set(labels.values()))
-    _check_counts(label_names, images, skipped_by_label)
+    if complete:
+        _check_counts(label_names, images, skipped_by_label)
     images.sort(key=lambda image: (image.label, image.path))
     return Dataset(labels=label_names, images=images, skipped=skipped)
 
@@ -473,6 +478,11 @@ def _refuse_nested_archive_bytes(member: _Member, data: bytes | bytearray) -> No
     )
     if is_archive:
         raise BadRequest(f"the archive contains another archive: {member.name!r}")
+
+
+def check_counts(dataset: Dataset) -> None:
+    """Refuses a whole dataset with too few labels, or a label with too few images."""
+    _check_counts(dataset.labels, dataset.images, {label: [] for label in dataset.labels})
 
 
 def _check_counts(

@@ -32,6 +32,7 @@ from typing import IO, Any, Literal
 from pydantic import BaseModel
 
 from service.errors import Conflict, HeadstartError, NotFound, ServiceUnavailable, Unprocessable
+from service.jobs import versions
 from service.jobs.services import Services
 from service.serving.heads import load_served_head
 from service.storage.classifiers import PreconditionFailed
@@ -134,16 +135,17 @@ def export_classifier(services: Services, builder: ExportBuilder, classifier_id:
     """The export zip of a ready classifier, or `ExportPending` while it is being built.
 
     Raises:
-        Conflict: the classifier is not ready.
+        Conflict: the classifier (or the version asked for) is not ready.
         NotFound: no such classifier or version.
         ExportFailed: the last build failed less than `FAILED_FOR_S` ago.
     """
     store = services.store
-    record = store.load_record(classifier_id)
+    record = versions.resolve(services, classifier_id, version)
     if record.status != "ready":
-        raise Conflict(f"classifier {classifier_id} is {record.status}; it can be exported once "
+        which = "classifier" if version is None else f"version {version} of classifier"
+        raise Conflict(f"{which} {classifier_id} is {record.status}; it can be exported once "
                        "it is ready")
-    source = export_source(record, version)
+    source = export_source(record)
     run = source.record.run
     archive = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
     try:
@@ -189,16 +191,11 @@ def _claim(services: Services, builder: ExportBuilder, classifier_id: str, run: 
                              headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def export_source(record: ClassifierRecord, version: int | None) -> ExportSource:
-    """The run that `version` names (None: the served one).
-
-    NB: records have no versions yet; the served run is version 1. When versions land, this is
-    the one function that maps a version to its run and head.
-    """
-    served = getattr(record, "version", None) or 1
-    if version not in (None, served) or record.run is None or record.head is None:
-        raise NotFound(f"classifier {record.id} has no version {version}")
-    return ExportSource(record, served)
+def export_source(record: ClassifierRecord) -> ExportSource:
+    """What to export of a ready version's record (`versions.resolve` maps a version to it)."""
+    if record.run is None or record.head is None:
+        raise NotFound(f"classifier {record.id} has no trained version {record.version}")
+    return ExportSource(record, record.version)
 
 
 def build_export(services: Services, classifier_id: str, run: str, export_format: str) -> None:
@@ -207,14 +204,14 @@ def build_export(services: Services, classifier_id: str, run: str, export_format
     store = services.store
     try:
         if not store.has_export(classifier_id, run, export_format):
-            record = store.load_record(classifier_id)
-            if record.run != run:  # NB: with versions, look the run up instead
-                log.info("export %s %s dropped: run %s is no longer the classifier's",
+            record = versions.record_of_run(services, classifier_id, run)
+            if record is None:
+                log.info("export %s %s dropped: run %s is no longer one of the classifier's",
                          classifier_id, export_format, run)
                 store.delete_export_build(classifier_id, run, export_format)
                 return
             with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as archive:
-                write_export(services, export_source(record, None), export_format, archive)
+                write_export(services, export_source(record), export_format, archive)
                 archive.seek(0)
                 store.save_export(classifier_id, run, export_format, archive)
             log.info("export %s %s (run %s) stored", classifier_id, export_format, run)

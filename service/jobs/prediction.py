@@ -14,6 +14,7 @@ from models import trust, uncertainty
 from models.prediction import apply_head, rank
 from models.preprocessing import ImageDecodeError, load_image
 from service.errors import BadRequest, Conflict, ServiceUnavailable, Unprocessable
+from service.jobs import versions
 from service.jobs.datasets import read_image_zip
 from service.jobs.services import Services
 from service.serving.heads import ServedHead
@@ -44,15 +45,18 @@ def check_image_count(services: Services, count: int) -> None:
                          f"{services.settings.max_predict_images} (HEADSTART_MAX_PREDICT_IMAGES)")
 
 
-def servable_record(services: Services, classifier_id: str) -> ClassifierRecord:
-    """The record of a classifier that can predict: checked before the request body is read.
+def servable_record(services: Services, classifier_id: str, version: int | None = None,
+                    alias: str | None = None) -> ClassifierRecord:
+    """The record of the version that is to predict (by number, by alias, or production's),
+    checked before the request body is read.
 
     Raises:
-        NotFound: no such classifier. Conflict: it is not ready.
+        NotFound: no such classifier, version or alias. Conflict: it is not ready.
     """
-    record = services.store.load_record(classifier_id)
+    record = versions.resolve(services, classifier_id, version, alias)
     if record.status != "ready":
-        raise Conflict(f"classifier {classifier_id} is {record.status}, not ready")
+        which = "" if version is None and alias is None else f" version {record.version}"
+        raise Conflict(f"classifier {classifier_id}{which} is {record.status}, not ready")
     return record
 
 

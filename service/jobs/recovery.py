@@ -10,7 +10,8 @@ from datetime import timedelta
 
 from service.errors import NotFound, ServiceUnavailable
 from service.jobs.services import Services
-from service.storage.classifiers import PreconditionFailed, Versioned, classifier_age_s
+from service.storage.classifiers import (PreconditionFailed, Versioned, classifier_age_s, job_id,
+                                         parse_job_id)
 from service.storage.records import ACTIVE_STATUSES, Error, Progress, utc_now
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def requeue_or_fail(services: Services, current: Versioned) -> None:
     if not tag:
         return
     try:
-        services.runner.submit(record.id)
+        services.runner.submit(job_id(record.id, record.version))
     except ServiceUnavailable as error:  # put it back as it was; the next sweep tries again
         _replace(services, current.record, tag)
         log.warning("job %s: cannot re-queue yet: %s", record.id, error.detail)
@@ -72,8 +73,10 @@ def recover_jobs(services: Services) -> None:
     """On start of the in-process runner: re-queue what a previous process left queued or
     training (it is gone: nothing else runs these jobs), fail a job that keeps dying, end a
     refinement it left running. Reads every record once (records older than the `active/`
-    index are not in it)."""
-    for current in _active(services, services.store.classifier_ids()):
+    index are not in it; versions after the first are all younger)."""
+    store = services.store
+    for current in _active(services, sorted(set(store.classifier_ids()) | set(store.active_ids()),
+                                            reverse=True)):
         if current.record.status in ACTIVE_STATUSES:
             requeue_or_fail(services, current)
         elif current.record.refining:
@@ -106,7 +109,7 @@ def _republish(services: Services, current: Versioned) -> None:
     record = current.record.model_copy(update={"updated_at": utc_now()})
     if _replace(services, record, current.tag):  # the next one waits another period
         try:
-            services.runner.submit(record.id)
+            services.runner.submit(job_id(record.id, record.version))
             log.warning("job %s: queued for a long time; published again", record.id)
         except ServiceUnavailable as error:
             log.warning("job %s: cannot publish again yet: %s", record.id, error.detail)
@@ -121,15 +124,17 @@ def _active(services: Services, ids: list[str] | None = None):
     """The jobs in flight (by default those in the index), read with their tags; stale index
     entries are dropped."""
     store = services.store
-    for classifier_id in store.active_ids() if ids is None else ids:
+    for job in store.active_ids() if ids is None else ids:
+        classifier_id = parse_job_id(job)[0]
         try:
-            current = store.load_versioned(classifier_id)
+            current = store.load_job(job)
         except NotFound:
+            # NB: a version's entry is written before its record, like a classifier's
             if store.is_deleted(classifier_id) or classifier_age_s(classifier_id) > CREATING_S:
-                store.drop_from_active(classifier_id)
+                store.drop_from_active(job)
             continue
         if not current.record.in_flight:
-            store.drop_from_active(classifier_id)
+            store.drop_from_active(job)
             continue
         yield current
 

@@ -209,7 +209,7 @@ class TrainingRun:
         """After a write raised: whether it landed anyway (an error can come after the store
         applied it), read back from the record; None when the record cannot be read."""
         try:
-            current = self.services.store.load_versioned(self.record.id)
+            current = self.services.store.load_versioned(self.record.id, self.record.version)
         except NotFound:
             self.stop_reason = "deleted"
             return False

@@ -15,14 +15,17 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models import training
+from models import promotion, training
 from models import trust as trust_lib
 from models.health import content_hash
 from models.backbone import device_name
-from models.heads import serialize_weights
+from models.features import extract_features
+from models.heads import HeadSpec, load_head, serialize_weights
+from models.prediction import apply_head
 from models.options import TrainingOptions
 from models.preprocessing import ImageDecodeError
 from service.errors import NotFound
+from service.jobs import versions
 from service.jobs.recovery import fail_interrupted
 from service.jobs.runs import Stopped, TrainingRun
 from service.jobs.services import Services
@@ -44,12 +47,13 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
-def run_training_job(services: Services, classifier_id: str,
+def run_training_job(services: Services, job: str,
                      should_stop: Callable[[], bool] = lambda: False) -> None:
     """Runs one delivery of a training job. Safe to call twice for the same job: a delivery that
     finds the job finished, deleted, or claimed by another worker does nothing.
 
     Args:
+        job: the job id, which names the classifier and its version (`storage.classifiers.job_id`).
         should_stop: polled between batches and epochs; True cancels the job.
 
     A failure is recorded in the classifier (status failed, error with the reason), then
@@ -57,17 +61,23 @@ def run_training_job(services: Services, classifier_id: str,
     that stage's head, its error saying why the refinement stopped. A cancellation after a
     committed stage leaves it ready too.
     """
-    claimed = claim(services, classifier_id)
+    claimed = claim(services, job)
     if claimed is None:
         return
     run = TrainingRun(services, claimed, should_stop)
+    comparison = None
     with run.heartbeat():
         try:
-            result = _train(services, run)
-            run.finish(list(result.stages), _report(services, run, result))
+            dataset = _load_dataset(services, run.record)
+            result = _train(services, run, dataset)
+            report = _report(services, run, result)
+            comparison = _promotion(services, run.record, dataset, result)
+            if comparison is not None:
+                report["promotion"] = comparison
+            run.finish(list(result.stages), report)
         except (training.Cancelled, Stopped):
             run.end_refinement()  # cancelled after a committed stage: it stays ready
-            log.info("job %s: stopped: %s", classifier_id, run.stop_reason or "cancelled")
+            log.info("job %s: stopped: %s", job, run.stop_reason or "cancelled")
             services.metrics.job_event("cancelled")
             return
         except Exception as error:  # a failed commit too: never left training
@@ -79,28 +89,30 @@ def run_training_job(services: Services, classifier_id: str,
             services.metrics.job_event("failed")
             raise
     if not run.finished:
-        log.info("job %s: result discarded: %s", classifier_id, run.stop_reason)
+        log.info("job %s: result discarded: %s", job, run.stop_reason)
         return
-    log.info("job %s: ready (%s), validation accuracy %.3f", classifier_id, run.record.stage,
+    log.info("job %s: ready (%s), validation accuracy %.3f", job, run.record.stage,
              run.record.metrics.val_accuracy)
+    if run.record.version > 1:  # NB: after the final write, by its own compare-and-set
+        versions.settle_promotion(services, run.record, comparison)
 
 
-def claim(services: Services, classifier_id: str) -> Versioned | None:
+def claim(services: Services, job: str) -> Versioned | None:
     """Takes the job's lease by a compare-and-set, or returns None when this delivery has
     nothing to do. Of two workers claiming at once exactly one wins; no settle time needed."""
     store, owner = services.store, worker_identity()
     try:
-        current = store.load_versioned(classifier_id)
+        current = store.load_job(job)
     except NotFound:
-        log.info("job %s: classifier was deleted, nothing to do", classifier_id)
+        log.info("job %s: classifier was deleted, nothing to do", job)
         return None
     record = current.record
     if record.status not in ACTIVE_STATUSES:
-        log.info("job %s: classifier is %s, nothing to do", classifier_id, record.status)
+        log.info("job %s: classifier is %s, nothing to do", job, record.status)
         return None
     if record.status == "training" and record.lease and \
             not record.lease.expired(services.settings.lease_seconds):
-        log.info("job %s: already running on %s; duplicate delivery dropped", classifier_id,
+        log.info("job %s: already running on %s; duplicate delivery dropped", job,
                  record.lease.owner)
         return None
     if record.attempts >= services.settings.max_attempts:  # earlier runs died mid-job
@@ -113,8 +125,7 @@ def claim(services: Services, classifier_id: str) -> Versioned | None:
     try:
         tag = store.save_record(claimed, current.tag)
     except PreconditionFailed:
-        log.info("job %s: claimed by another worker at the same time; backing off",
-                 classifier_id)
+        log.info("job %s: claimed by another worker at the same time; backing off", job)
         return None
     except NotFound:
         return None
@@ -122,12 +133,15 @@ def claim(services: Services, classifier_id: str) -> Versioned | None:
     return Versioned(claimed, tag)
 
 
-def _train(services: Services, run: TrainingRun) -> training.TrainingResult:
-    record = run.record
+def _load_dataset(services: Services, record: ClassifierRecord) -> Dataset:
     with tempfile.TemporaryFile() as archive:
-        services.store.load_dataset(record.id, archive)
+        services.store.load_dataset(record.id, archive, record.version)
         archive.seek(0)
-        dataset = Dataset.from_archive(archive)
+        return Dataset.from_archive(archive)
+
+
+def _train(services: Services, run: TrainingRun, dataset: Dataset) -> training.TrainingResult:
+    record = run.record
     # NB: in the precision the classifier was created for (the API's), which it is served in
     backbone = services.backbone.get(wait=True, precision=record.features_precision)
     _check_same_backbone(record, backbone.identity.as_dict())
@@ -163,6 +177,44 @@ def _report(services: Services, run: TrainingRun, result: training.TrainingResul
     return {"classifier_id": record.id, "options": record.options.model_dump(mode="json"),
             "backbone": record.backbone.model_dump(mode="json"), "device": device_name(),
             "precision": record.features_precision, **result.report}
+
+
+def _promotion(services: Services, record: ClassifierRecord, dataset: Dataset,
+                result: training.TrainingResult) -> dict | None:
+    """How this version compares with production's on the images production never trained on
+    (`models.promotion`); None for version 1, which has nothing to compare with."""
+    if record.version == 1:
+        return None
+    store = services.store
+    against = store.load_versions(record.id)[0].production
+    try:
+        old = store.load_record(record.id, against)
+    except NotFound:
+        return {"against": against, "better": True, "reason": f"version {against} is gone"}
+    if old.status != "ready" or old.run is None or old.head is None:
+        return {"against": against, "better": True, "reason": f"version {against} is {old.status}"}
+    seen = {content_hash(image.data) for image in _load_dataset(services, old).images}
+    fresh = [i for i, image in enumerate(dataset.images) if content_hash(image.data) not in seen]
+    if not fresh:
+        return {"against": against, "better": False, "images": 0,
+                "reason": f"every image of this version was in version {against}'s training "
+                          "set: there is nothing to compare on", "rule": promotion.RULE}
+    backbone = services.backbone.get(wait=True, precision=old.features_precision)
+    # NB: the originals' features of this run, from the classifier's feature cache, when the
+    # versions compute in one precision (an original's key does not depend on the options)
+    features = extract_features(
+        [dataset.images[i].data for i in fresh], backbone, views=0,
+        augmentation=old.options.augmentation, seed=0,
+        batch_size=training.TrainingConfig().extract_batch_size,
+        max_pixels=services.settings.max_image_pixels,
+        cache=StoredFeatureCache(store, record.id, services.settings.feature_cache_bytes))[:, 0]
+    head = load_head(HeadSpec(**old.head.model_dump()), backbone.feature_dim, len(old.labels),
+                     store.load_head(old))
+    label_index = {label: i for i, label in enumerate(record.labels)}
+    return {"against": against, **promotion.compare(
+        result.selection.result.out_of_fold[fresh], apply_head(head, features),
+        np.array([label_index[dataset.images[i].label] for i in fresh]), record.labels,
+        old.labels)}
 
 
 def _check_same_backbone(record: ClassifierRecord, worker: dict) -> None:

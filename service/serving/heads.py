@@ -40,13 +40,14 @@ def load_served_head(record: ClassifierRecord, data: bytes, feature_dim: int) ->
 
 
 class HeadCache:
-    """Least-recently-used served heads, keyed by classifier id and the committed run (not the
-    record's update time, which every progress write of a later training run changes)."""
+    """Least-recently-used served heads, one slot per classifier version, valid while the
+    version's record names the same committed run (not the record's update time, which every
+    progress write of a later training run changes)."""
 
     def __init__(self, load: Callable[[ClassifierRecord], ServedHead], capacity: int):
         self._load = load
         self._capacity = capacity
-        self._heads: OrderedDict[str, tuple[Any, ServedHead]] = OrderedDict()
+        self._heads: OrderedDict[tuple[str, int], tuple[Any, ServedHead]] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -55,23 +56,25 @@ class HeadCache:
         return record.run
 
     def get(self, record: ClassifierRecord) -> ServedHead:
-        key = self.key(record)
+        key, slot = self.key(record), (record.id, record.version)
         with self._lock:
-            cached = self._heads.get(record.id)
+            cached = self._heads.get(slot)
             if cached and cached[0] == key:
-                self._heads.move_to_end(record.id)
+                self._heads.move_to_end(slot)
                 return cached[1]
         head = self._load(record)  # outside the lock: a slow store read blocks no other head
         with self._lock:
-            self._heads[record.id] = (key, head)
-            self._heads.move_to_end(record.id)
+            self._heads[slot] = (key, head)
+            self._heads.move_to_end(slot)
             while len(self._heads) > self._capacity:
                 self._heads.popitem(last=False)
         return head
 
     def forget(self, classifier_id: str) -> None:
+        """Drops every version's head of the classifier."""
         with self._lock:
-            self._heads.pop(classifier_id, None)
+            for key in [key for key in self._heads if key[0] == classifier_id]:
+                del self._heads[key]
 
     def __len__(self) -> int:
         return len(self._heads)

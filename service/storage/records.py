@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.options import HeadOptions, TrainingOptions
 
 #: The format this code writes. 1: records before `schema_version` existed (same fields).
+#: Fields added since with a default (`version`, `promote`, `base`: a record without them is
+#: version 1) keep the format: older code reads them as extra fields.
 SCHEMA_VERSION = 2
 
 Status = Literal["queued", "training", "ready", "failed", "cancelled"]
@@ -111,6 +113,10 @@ class ClassifierRecord(Stored):
     refining: bool = Field(False, description="Ready, and its run is still making a better head")
     stages: list[dict[str, Any]] = Field(
         [], description="One summary per training stage run so far (models.training.stage_summary)")
+    # Versions (records written before them are version 1; `promote` only matters for 2 and up)
+    version: int = 1
+    promote: Literal["if_better", "always", "never"] = "if_better"
+    base: int | None = Field(None, description="The version whose images this one started from")
     threshold: float | None = Field(
         None, description="The committed head's default rejection threshold (None: stored "
                           "before trust data existed, or not ready)")
@@ -129,3 +135,25 @@ class ClassifierRecord(Stored):
 
     def to_json(self) -> bytes:
         return self.model_copy(update={"schema_version": SCHEMA_VERSION}).model_dump_json().encode()
+
+
+class ClassifierVersions(Stored):
+    """A classifier's versions and aliases, as stored in `classifiers/{id}/versions.json`.
+
+    Its own object with its own compare-and-set, apart from the version records: moving an alias
+    never touches a record a training run is writing. A classifier without this object (every
+    classifier made before versions) has one version, 1, and `production` points at it.
+    """
+
+    versions: list[int] = [1]
+    last: int = 1
+    aliases: dict[str, int] = {"production": 1}
+    promotions: dict[str, dict[str, Any]] = Field(
+        {}, description="Per version (as a string): what its promotion decided and why")
+
+    @property
+    def production(self) -> int:
+        return self.aliases.get("production", self.versions[0] if self.versions else 1)
+
+    def aliases_of(self, version: int) -> list[str]:
+        return sorted(name for name, target in self.aliases.items() if target == version)

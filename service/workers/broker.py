@@ -1,7 +1,7 @@
 """Training jobs through Celery, when `HEADSTART_QUEUE` is a broker URL.
 
-Messages carry a classifier id and nothing else; workers (`python -m service.workers.worker`) read the
-dataset from the store and write progress, heads and reports back to it. Delivery is at least
+Messages carry a job id (the classifier id, plus `.v{n}` for its version n ≥ 2) and nothing else;
+workers (`python -m service.workers.worker`) read the dataset from the store and write progress, heads and reports back to it. Delivery is at least
 once (late acknowledgement), and the job's lease in the store makes every extra delivery
 harmless: a worker drops a job that is finished, deleted, or running under a live lease.
 
@@ -64,14 +64,14 @@ class CeleryRunner:
         self.app = celery_app(settings)
         self._url = settings.queue.split("@")[-1]  # without credentials, for messages
 
-    def submit(self, classifier_id: str) -> None:
+    def submit(self, job: str) -> None:
         try:
-            self.app.send_task(TASK_NAME, args=[classifier_id], queue=QUEUE_NAME)
+            self.app.send_task(TASK_NAME, args=[job], queue=QUEUE_NAME)
         except (KombuError, OSError) as error:
             raise QueueUnavailable(f"cannot queue the training job on {self._url}: {error}") \
                 from error
 
-    def cancel(self, classifier_id: str) -> None:
+    def cancel(self, job: str) -> None:
         """Nothing to send: deleting the record is the signal. The worker checks the record at
         every progress write (about once a second) and stops within a batch."""
 

@@ -22,10 +22,10 @@ CANCEL_WAIT_S = 10.0
 
 
 class TrainingRunner(Protocol):
-    def submit(self, classifier_id: str) -> None:
+    def submit(self, job: str) -> None:
         """Queues a job; returns at once."""
 
-    def cancel(self, classifier_id: str) -> None:
+    def cancel(self, job: str) -> None:
         """Stops a queued or running job; returns once it has stopped (or after a bound)."""
 
     def ping(self) -> None:
@@ -39,8 +39,9 @@ JobFunction = Callable[[str, Callable[[], bool]], None]
 
 
 class ThreadRunner:
-    """Runs jobs one at a time on a daemon thread, once `start(job)` names the work:
-    `job(classifier_id, should_stop)`. Jobs submitted before the start wait in the queue."""
+    """Runs jobs one at a time on a daemon thread, once `start(work)` names the work:
+    `work(job, should_stop)`, with a job id (a classifier and its version). Jobs submitted
+    before the start wait in the queue."""
 
     def __init__(self):
         self._job: JobFunction | None = None
@@ -55,15 +56,15 @@ class ThreadRunner:
         self._job = job
         self._thread.start()
 
-    def submit(self, classifier_id: str) -> None:
+    def submit(self, job: str) -> None:
         with self._lock:
-            self._cancelled.discard(classifier_id)
-        self._queue.put(classifier_id)
+            self._cancelled.discard(job)
+        self._queue.put(job)
 
-    def cancel(self, classifier_id: str) -> None:
+    def cancel(self, job: str) -> None:
         with self._lock:
-            self._cancelled.add(classifier_id)
-            self._finished.wait_for(lambda: self._running != classifier_id, timeout=CANCEL_WAIT_S)
+            self._cancelled.add(job)
+            self._finished.wait_for(lambda: self._running != job, timeout=CANCEL_WAIT_S)
 
     def ping(self) -> None:
         if not self._thread.is_alive():
@@ -74,18 +75,18 @@ class ThreadRunner:
 
     def _loop(self) -> None:
         while True:
-            classifier_id = self._queue.get()
+            job = self._queue.get()
             with self._lock:
-                if classifier_id in self._cancelled:
-                    self._cancelled.discard(classifier_id)
+                if job in self._cancelled:
+                    self._cancelled.discard(job)
                     continue
-                self._running = classifier_id
+                self._running = job
             try:
-                self._job(classifier_id, lambda: classifier_id in self._cancelled)
+                self._job(job, lambda: job in self._cancelled)
             except Exception:
-                log.exception("training job %s failed", classifier_id)
+                log.exception("training job %s failed", job)
             finally:
                 with self._lock:
                     self._running = None
-                    self._cancelled.discard(classifier_id)
+                    self._cancelled.discard(job)
                     self._finished.notify_all()

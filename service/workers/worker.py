@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     app = celery_app(settings)
 
     @app.task(name=TASK_NAME)
-    def train(classifier_id: str) -> None:
-        run_training_job(services, classifier_id)
+    def train(job: str) -> None:  # a job id: the classifier and its version
+        run_training_job(services, job)
 
     if settings.worker_metrics_port:
         from prometheus_client import start_http_server

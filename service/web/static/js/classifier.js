@@ -7,6 +7,7 @@ import {h, number, refiningNote, statusBadge, uid, when} from "./dom.js";
 import {follow} from "./live.js";
 import * as reportView from "./report.js";
 import * as tryView from "./try.js";
+import * as versionsView from "./versions.js";
 
 const STAGES = {
   queued: "Waiting for a training worker",
@@ -62,6 +63,7 @@ export function mount(root, ctx) {
   let live = []; // history rows seen while training: [{epoch, loss?, accuracy?, val_loss?, val_accuracy}]
   let candidate = null;
   let reportLoaded = null; // what the report shown was loaded for
+  let versions = null; // the versions section, once the first version is ready
   let stop = () => {};
 
   const title = h("h1", {}, "Classifier");
@@ -72,6 +74,7 @@ export function mount(root, ctx) {
   const problem = h("section", {class: "card problem", hidden: true, role: "alert"});
   const trySection = h("section", {class: "card", "aria-labelledby": "try-title", hidden: true});
   const reportSection = h("section", {class: "report", "aria-labelledby": "report-title", hidden: true});
+  const versionsBox = h("div", {});
   const stage = h("p", {id: uid("stage"), class: "stage"});
   const bar = h("progress", {"data-testid": "progress", max: "1"});
   bar.setAttribute("aria-labelledby", stage.id);
@@ -104,7 +107,7 @@ export function mount(root, ctx) {
   root.append(
     h("p", {class: "back"}, h("a", {href: "#/"}, "← All classifiers")),
     h("div", {class: "page-head"}, h("div", {}, h("div", {class: "title-row"}, title, badge), meta), actions),
-    problem, liveSection, trySection, reportSection);
+    problem, liveSection, trySection, versionsBox, reportSection);
 
   function drawLive() {
     const note = candidate ? `Head candidate ${candidate}` : null;
@@ -142,6 +145,7 @@ export function mount(root, ctx) {
   }
 
   function render(next) {
+    const moved = classifier && classifier.version !== next.version;
     classifier = next;
     title.textContent = next.name;
     document.title = `${next.name} · Headstart`;
@@ -172,6 +176,12 @@ export function mount(root, ctx) {
       if (trySection.hidden) {
         trySection.hidden = false;
         tryView.mount(trySection, next);
+      }
+      if (!versions) {
+        versions = versionsView.section(ctx, base);
+        versionsBox.append(versions.element);
+      } else if (moved) {
+        versions.refresh();
       }
       // NB: a new key when another stage is served or the refinement ends, not per progress write
       const key = `${next.version ?? ""}|${next.stage ?? ""}|${Boolean(next.refining)}|${next.metrics?.val_loss ?? ""}`;
@@ -210,11 +220,14 @@ export function mount(root, ctx) {
       meta.replaceChildren(h("p", {}, `There is no classifier ${id}: it may have been deleted.`));
       actions.replaceChildren();
       [liveSection, trySection, reportSection].forEach((section) => { section.hidden = true; });
+      versions?.stop();
+      versionsBox.replaceChildren();
     },
   });
 
   return () => {
     stop();
+    versions?.stop();
     document.title = "Headstart";
   };
 }

@@ -165,10 +165,10 @@ function details(report) {
       report.stages.map((s) => [stageName(s.stage), loss(s.val_loss), percent(s.val_accuracy),
         `${number(s.elapsed_s, 1)} s`, s.stage === report.stage ? "✓ now" : (s.served ? "until replaced" : "")])) : null,
     report.selection?.candidates?.length ? table(
-      `Heads cross-validated (${report.selection.k} folds; the smallest within one standard error of the lowest loss is served, refitted on every image)`,
-      [["Head"], ["d", "num"], ["Validation loss (mean ± SE)", "num"], ["Validation accuracy (mean)", "num"], ["Best epoch", "num"], ["Chosen"]],
+      `Heads cross-validated (${report.selection.k} folds; the lowest loss along each L2 path, then the smallest within one standard error of the best is served, refitted on every image)`,
+      [["Head"], ["Trained on"], ["d", "num"], ["Validation loss (mean ± SE)", "num"], ["Validation accuracy (mean)", "num"], ["Best epoch", "num"], ["Chosen"]],
       report.selection.candidates.map((c, i) => [c.head.hidden_units ? `${c.head.hidden_units} hidden, L2 ${c.head.l2}` : `linear, L2 ${c.head.l2}`,
-        number(c.d), `${loss(c.val_loss_mean)} ± ${loss(c.val_loss_se)}`, percent(c.val_accuracy_mean), number(c.best_epoch),
+        c.trained_on === "original" ? "originals only" : "augmented views", number(c.d), `${loss(c.val_loss_mean)} ± ${loss(c.val_loss_se)}`, percent(c.val_accuracy_mean), number(c.best_epoch),
         i === report.selection.chosen ? "✓" : ""])) : null,
     report.candidates?.length ? table("Head candidates tried (the lowest validation loss is served)",
       [["Head"], ["d", "num"], ["Best validation loss", "num"], ["Best epoch", "num"], ["Epochs", "num"]],
