@@ -9,7 +9,8 @@ from models.augmentation import Augmentation, augment
 from models.backbone import FEATURE_DIM, build_vgg16
 from models.evaluation import evaluate
 from models.features import extract_features
-from models.options import AUTO_CANDIDATES, AugmentationOptions, HeadOptions, TrainingConfig
+from models.options import (AUTO_CANDIDATES, AUTO_HEADS, AugmentationOptions, HeadOptions,
+                            TrainingConfig)
 from models.prediction import class_scores, rank
 from models.preprocessing import load_image
 from models.weights import IMAGENET_FINGERPRINT
