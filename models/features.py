@@ -83,7 +83,8 @@ def extract_features(images: Sequence[bytes], backbone: Backbone, *, views: int,
                      should_stop: StopCheck = lambda: False,
                      timings: dict | None = None,
                      max_pixels: int = 40_000_000,
-                     cache: FeatureCache | None = None) -> np.ndarray:
+                     cache: FeatureCache | None = None,
+                     original: np.ndarray | None = None) -> np.ndarray:
     """Runs the backbone once per (image, view) that `cache` does not hold.
 
     Args:
@@ -101,6 +102,8 @@ def extract_features(images: Sequence[bytes], backbone: Backbone, *, views: int,
         timings: if given, "decode" and "features" seconds are added to it.
         max_pixels: largest decoded image (width × height): decompression bombs.
         cache: rows of earlier runs; what this run computes is `put` into it at the end.
+        original: float32 (len(images), feature_dim) view-0 features of an earlier pass (staged
+            training's preview): copied into view 0, not computed again (nor `put`).
 
     Returns:
         float32 array (len(images), 1 + views, feature_dim); view 0 is the unaugmented image.
@@ -116,12 +119,14 @@ def extract_features(images: Sequence[bytes], backbone: Backbone, *, views: int,
     keys = view_keys(hashes, backbone, views=views, augmentation=augmentation, seed=seed)
     features = np.zeros((len(images), 1 + views, backbone.feature_dim), np.float32)
     missing = np.ones(features.shape[:2], bool)
+    if original is not None:
+        features[:, 0], missing[:, 0] = original, False
     if cache is not None and len(images):
-        found = cache.get([key for row in keys for key in row])
-        for i, row in enumerate(keys):
-            for view, key in enumerate(row):
-                if key in found:
-                    features[i, view], missing[i, view] = found[key], False
+        asked = [(i, view) for i, view in np.argwhere(missing)]  # NB: not the `original` rows
+        found = cache.get([keys[i][view] for i, view in asked])
+        for i, view in asked:
+            if keys[i][view] in found:
+                features[i, view], missing[i, view] = found[keys[i][view]], False
     todo = np.flatnonzero(missing.any(axis=1))
 
     def decode(batch: np.ndarray) -> np.ndarray:

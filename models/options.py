@@ -199,8 +199,8 @@ class TrainingConfig(TrainingOptions):
     max_image_pixels: int = Field(40_000_000, gt=0)
     fine_tune_candidates: tuple[FineTuneOptions, ...] = Field(AUTO_FINE_TUNES, min_length=1)
     fine_tune_budget_s: float = Field(
-        600.0, ge=0, description='Estimated seconds `fine_tune: "auto"` may spend; past it, it '
-                                 "is skipped (an explicit fine_tune runs regardless)")
+        0.0, ge=0, description='Estimated seconds `fine_tune: "auto"` may spend; past it, it '
+                               "is skipped (an explicit fine_tune runs regardless); 0: never")
     fine_tune_memory_bytes: int = Field(
         2 * 1024**3, gt=0, description="Cached activations past this spill to a memory-mapped "
                                        "temporary file")

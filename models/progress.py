@@ -16,6 +16,8 @@ class Progress:
 
     Attributes:
         stage: "extracting" (backbone passes) or "training" (heads on cached features).
+        training_stage: which head of a staged run is being made ("preview", "augmented",
+            see `models.training.STAGES`), or None outside staged training.
         images_done, images_total: extraction progress.
         epoch, max_epochs, val_accuracy: the fit currently running.
         candidate: which fit runs, e.g. "2/10 fold 3/5" while heads are cross-validated, or
@@ -34,6 +36,7 @@ class Progress:
     val_accuracy: float | None = None
     candidate: str | None = None
     history: tuple[dict, ...] = ()
+    training_stage: str | None = None
 
 
 ProgressCallback = Callable[[Progress], None]

@@ -376,8 +376,10 @@ def _classifier_lines(classifier: dict[str, Any]) -> list[str]:
     if dataset.get("skipped"):
         images += f"; {len(dataset['skipped'])} skipped"
     pairs = [("id", classifier["id"]), ("name", classifier["name"]),
-             ("status", classifier["status"]), ("labels", ", ".join(classifier["labels"])),
+             ("status", _status_text(classifier)), ("labels", ", ".join(classifier["labels"])),
              ("images", images), ("created", classifier["created_at"])]
+    if classifier.get("stage"):
+        pairs.append(("stage", f"{classifier['stage']} (the served head's training stage)"))
     if classifier.get("progress"):
         pairs.append(("progress", _progress_text(classifier["progress"])))
     if classifier.get("metrics"):
@@ -388,6 +390,14 @@ def _classifier_lines(classifier: dict[str, Any]) -> list[str]:
     for skipped in dataset.get("skipped", [])[:10]:
         pairs.append(("skipped", f"{skipped['path']}: {skipped['reason']}"))
     return _pairs(pairs)
+
+
+def _status_text(classifier: dict[str, Any]) -> str:
+    """"ready · refining (augmented)" while a ready classifier's run trains a later stage."""
+    if not classifier.get("refining"):
+        return classifier["status"]
+    stage = (classifier.get("progress") or {}).get("training_stage")
+    return f"{classifier['status']} · refining" + (f" ({stage})" if stage else "")
 
 
 def _version_lines(version: dict[str, Any]) -> list[str]:
@@ -411,16 +421,17 @@ def _version_lines(version: dict[str, Any]) -> list[str]:
 
 def _progress_text(progress: dict[str, Any]) -> str:
     stage = progress.get("stage", "?")
+    of = f" [{progress['training_stage']}]" if progress.get("training_stage") else ""
     if progress.get("images_total"):
-        return f"{stage}: {progress.get('images_done') or 0}/{progress['images_total']} images"
+        return f"{stage}: {progress.get('images_done') or 0}/{progress['images_total']} images{of}"
     if progress.get("epoch"):
         text = f"{stage}: epoch {progress['epoch']}/{progress.get('max_epochs') or '?'}"
         if progress.get("candidate"):
             text += f", head {progress['candidate']}"
         if progress.get("val_accuracy") is not None:
             text += f", val_accuracy {progress['val_accuracy']:.3f}"
-        return text
-    return stage
+        return text + of
+    return stage + of
 
 
 def _summary_lines(report: dict[str, Any]) -> list[str]:
@@ -434,6 +445,8 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
         ("m", f"{m['train_after_augmentation']} training examples ({m['train']} images "
               f"x {views} views)"),
         ("d/m", f"{report['d_over_m']:,.2f}"),
+        ("stage", report.get("stage", "augmented")
+         + ("" if report.get("final", True) else " (preliminary: still refining)")),
     ])
     return lines + ["diagnosis:"] + [f"  - {note}" for note in report.get("diagnosis", [])]
 
@@ -538,7 +551,7 @@ class _Lines:
 
     def event(self, event: Event) -> None:
         if event.kind == "status":
-            self.say(f"status: {event.data['status']}")
+            self.say(f"status: {_status_text(event.data)}")
         elif event.kind == "progress":
             self.say(_progress_text(event.data))
         elif event.kind == "done":

@@ -97,10 +97,11 @@ class Settings(BaseSettings):
                     "included (about 28 MB each for block5, 57 MB for block4 and block5; a frozen "
                     "head is tens of kB): least recently used heads are dropped past it")
     fine_tune_budget_s: float = Field(
-        600.0, ge=0,
+        0.0, ge=0,
         description='Estimated seconds fine_tune "auto" may spend on a job, from the speed the '
-                    "worker measured in that job's frozen stage: on a GPU most data sets fit, "
-                    "on a small CPU only small ones; 0 turns auto off")
+                    "worker measured in that job's frozen stage (so what fits depends on the "
+                    "device); 0, the default, turns auto off: measured here, fine-tuning did not "
+                    "beat the frozen heads (bench/RESULTS.md)")
     max_attempts: int = Field(2, ge=1, description="Runs of a training job before it is marked failed")
     job_time_limit_s: float = Field(
         6 * 3600, gt=0, description="A training run longer than this fails with that reason")

@@ -66,6 +66,16 @@ def dataset_zip(per_label: int = 8, labels=("red", "blue"), **kwargs) -> bytes:
     return make_zip(labelled_images(per_label, labels, **kwargs))
 
 
+def forced_loss(stage, loss: float):
+    """A real training stage (`models.training.STAGES`) whose result claims `loss`: how stages
+    are compared is tested on real heads with chosen losses."""
+    def run(staged):
+        result = stage(staged)
+        result.val_loss = loss
+        return result
+    return run
+
+
 def multipart(fields: dict[str, list[tuple[str, bytes]] | str]) -> tuple[bytes, str]:
     """Encodes multipart/form-data: name → text, or name → [(filename, bytes), …]."""
     boundary = "headstart-" + uuid.uuid4().hex

@@ -28,10 +28,12 @@ def wait_ready(client, timeout=60):
 
 
 def wait_status(client, classifier_id, statuses=("ready", "failed"), timeout=120):
+    """The classifier once it has one of `statuses` and its run has ended (a ready one is no
+    longer refining)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         body = client.get(f"/v1/classifiers/{classifier_id}").json
-        if body["status"] in statuses:
+        if body["status"] in statuses and not body["refining"]:
             return body
         time.sleep(0.1)
     raise AssertionError(f"classifier still {body['status']}")
@@ -88,7 +90,8 @@ def test_create_answers_202_with_location_and_queued_resource(client):
 
 def test_classifier_becomes_ready_with_metrics(ready_classifier):
     assert ready_classifier["status"] == "ready", ready_classifier
-    assert ready_classifier["progress"] is None
+    assert ready_classifier["progress"] is None and ready_classifier["refining"] is False
+    assert ready_classifier["stage"] in ("preview", "augmented")
     assert 0 <= ready_classifier["metrics"]["val_accuracy"] <= 1
 
 
@@ -98,7 +101,10 @@ def test_report_has_the_contract_fields(client, ready_classifier):
     # Every image trains the served head and is validated once, out of fold.
     assert report["m"]["train"] == report["m"]["validation"] == 20
     assert report["selection"]["k"] == 5 and report["selection"]["candidates"]
-    assert report["m"]["train_after_augmentation"] == report["m"]["train"] * 2
+    views = {"preview": 0, "augmented": 1}[report["stage"]]  # the served stage's
+    assert report["m"]["train_after_augmentation"] == report["m"]["train"] * (1 + views)
+    assert report["final"] is True
+    assert [stage["stage"] for stage in report["stages"]] == ["preview", "augmented"]
     assert report["d"] == FEATURE_DIM * 2 + 2
     assert report["d_over_m"] == pytest.approx(report["d"] / report["m"]["train_after_augmentation"],
                                                abs=1e-3)
@@ -495,6 +501,8 @@ def test_openapi_documents_every_route_from_the_pydantic_models(client):
         assert method in paths[path], (path, method)
     schemas = document["components"]["schemas"]
     assert {"Classifier", "Report", "PredictionResponse", "Problem", "TrainingOptions"} <= set(schemas)
+    assert {"refining", "stage"} <= set(schemas["Classifier"]["properties"])
+    assert {"final", "stage", "stages"} <= set(schemas["Report"]["properties"])
     assert paths["/v1/classifiers"]["post"]["summary"].startswith("Create a classifier")
 
 

@@ -77,6 +77,10 @@ def test_create_a_folder_with_wait_shows_progress_then_the_summary(created):
     assert progress[0].startswith("uploaded ") and "40 images" in progress[0]
     assert "status: training" in progress and progress[-1] == "done: ready"
     assert any(line.startswith("training: epoch ") for line in progress), result.stderr
+    # Staged: the preview head is served first, and `done` comes after the last stage.
+    assert "status: ready · refining" in progress
+    assert progress.index("status: ready · refining") < progress.index("status: ready")
+    assert any(line.endswith("[augmented]") for line in progress), result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"{classifier_id} toys: ready"
     summary = dict(line.split(None, 1) for line in lines[1:4])
@@ -98,6 +102,7 @@ def test_list_and_show(server, created):
     assert shown.returncode == 0, shown.stderr
     fields = dict(line.split(None, 1) for line in shown.stdout.splitlines())
     assert fields["status"] == "ready" and fields["labels"] == "blue, red"
+    assert fields["stage"].split()[0] in ("preview", "augmented")
     assert fields["images"] == "40 (blue 20, red 20)"
 
 
@@ -340,3 +345,12 @@ def test_images_are_files_folders_or_patterns_each_once(tmp_path):
     with pytest.raises(ValueError, match="no file matches"):
         expand_images([str(tmp_path / "*.gif")])
     assert DEFAULT_URL == cli.DEFAULT_URL
+
+
+def test_a_refining_classifier_reads_ready_refining_with_its_stage():
+    refining = {"status": "ready", "refining": True,
+                "progress": {"stage": "extracting", "images_done": 3, "images_total": 8,
+                             "training_stage": "augmented"}}
+    assert cli._status_text(refining) == "ready · refining (augmented)"
+    assert cli._status_text({"status": "ready", "refining": False}) == "ready"
+    assert cli._progress_text(refining["progress"]) == "extracting: 3/8 images [augmented]"

@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LEASE_SECONDS = 6
 LOST_WORKER_BOUND_S = 120  # the issue's promise: re-run or failed within 2 minutes
 SMALL = {"max_epochs": 20, "augmentation": {"views": 1}}
-# Long enough (~15 s on two cores) to be caught mid-run: many views, no early stop.
-LONG = {"max_epochs": 150, "patience": 150, "augmentation": {"views": 6}}
+# Long enough (~15 s on two cores) to be caught mid-run: many views, no early stop, and a fixed
+# Adam-trained head, so that the first (preview) stage trains for seconds too.
+LONG = {"max_epochs": 150, "patience": 150, "augmentation": {"views": 6},
+        "head": {"hidden_units": 0, "dropout": 0.1, "l2": 0.001}}
 
 
 def _missing_servers() -> str | None:
@@ -161,7 +163,13 @@ def wait_for(api: str, classifier_id: str, done, timeout: float) -> dict:
 
 
 def finished(resource: dict) -> bool:
-    return resource["status"] not in ("queued", "training")
+    """The run has ended: no longer queued or training, nor ready and refining."""
+    return resource["status"] not in ("queued", "training") and not resource["refining"]
+
+
+def refining(resource: dict) -> bool:
+    """Ready on a committed stage while the run trains the next one."""
+    return resource["status"] == "ready" and resource["refining"]
 
 
 def well_underway(resource: dict) -> bool:
@@ -221,8 +229,10 @@ def test_the_same_task_delivered_twice_runs_once(cluster):
     assert resource["status"] == "ready", resource
     record = cluster.record(classifier_id)
     assert record["attempts"] == 1
-    assert [key for key in cluster.keys(classifier_id) if "/heads/" in key] == \
-        [f"classifiers/{classifier_id}/heads/{record['run']}.npz"]
+    heads = [key for key in cluster.keys(classifier_id) if "/heads/" in key]
+    assert f"classifiers/{classifier_id}/heads/{record['run']}.npz" in heads
+    run = record["run"].rsplit("-", 1)[0]  # its stages are {run}-{stage}
+    assert all(key.rsplit("/", 1)[1].startswith(f"{run}-") for key in heads), heads
 
     publisher.send_task(TASK_NAME, args=[classifier_id])  # and one after it finished
     time.sleep(3)
@@ -271,6 +281,21 @@ def test_a_killed_worker_s_job_is_rerun_within_the_bound(cluster):
     assert resource["status"] == "ready", resource
     assert time.monotonic() - killed < LOST_WORKER_BOUND_S
     assert cluster.record(classifier_id)["attempts"] == 2
+
+
+def test_a_worker_killed_while_refining_leaves_its_served_head_within_the_bound(cluster):
+    api = cluster.apis[0]
+    classifier_id = create(api, {"max_epochs": 150, "patience": 150,
+                                 "augmentation": {"views": 6}}, per_label=30)
+    served = wait_for(api, classifier_id, refining, 120)
+    os.kill(owner_pid(cluster, classifier_id), signal.SIGKILL)
+    killed = time.monotonic()
+    resource = wait_for(api, classifier_id, finished, LOST_WORKER_BOUND_S)
+    assert resource["status"] == "ready" and resource["stage"] == served["stage"], resource
+    assert time.monotonic() - killed < LOST_WORKER_BOUND_S
+    record = cluster.record(classifier_id)
+    assert record["attempts"] == 1 and record["lease"] is None  # ended, not re-run
+    assert predict(api, classifier_id)["predictions"][0]["label"] in ("red", "blue")
 
 
 def test_delete_stops_a_running_job_and_leaves_nothing(cluster):

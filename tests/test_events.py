@@ -339,12 +339,17 @@ def test_a_training_job_streams_extraction_epochs_and_done_to_a_predict_key(serv
     with Client(server.url, PREDICT_KEY) as client:  # reconnects as each 4 s stream ends
         events = list(client.events(classifier_id))
 
-    extraction = [e.data["images_done"] for e in events
+    order = {"preview": 0, "augmented": 1}
+    extraction = [(order[e.data["training_stage"]], e.data["images_done"]) for e in events
                   if e.kind == "progress" and e.data["stage"] == "extracting"
                   and e.data["images_done"] is not None]
     # NB: progress reaches the store about once a second, so a fast extraction may show one
-    # write; that it is written per batch is tested on the training loop itself.
+    # write; that it is written per batch is tested on the training loop itself. Each stage
+    # extracts once: the preview view 0, then the augmented views.
     assert extraction and extraction == sorted(set(extraction)), extraction
+    assert extraction[-1][0] == order["augmented"]
+    ready = [e.data for e in events if e.kind == "status" and e.data["status"] == "ready"]
+    assert [r["refining"] for r in ready] == [True, False]  # served early, then final
     assert all(e.data["images_total"] == 120 for e in events
                if e.kind == "progress" and e.data["images_done"] is not None)
     epochs = [e.data["epoch"] for e in events if e.kind == "epoch"]

@@ -271,7 +271,8 @@ def create(client, members: dict[str, bytes], options: dict) -> str:
 
 def wait_ready(client, classifier_id) -> dict:
     return wait(lambda: (body := client.get(f"/v1/classifiers/{classifier_id}").json)["status"]
-                in ("ready", "failed") and body, what=f"{classifier_id} to train")
+                in ("ready", "failed") and not body["refining"] and body,
+                what=f"{classifier_id} to train")
 
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,22 @@ def transitions(services, state: str) -> float:
         "headstart_training_job_transitions_total", {"state": state}) or 0.0
 
 
+def runs_of(services, classifier_id, folder) -> set[str]:
+    """The training runs whose files are in a classifier's folder: a run's stages
+    (`{run}-{stage}`) count as one."""
+    return {key.rsplit("/", 1)[1].rsplit(".", 1)[0].rsplit("-", 1)[0]
+            for key in files(services, classifier_id, folder)}
+
+
+def run_of(record) -> str:
+    return record.run.rsplit("-", 1)[0]
+
+
+def is_final(data: bytes) -> bool:
+    """A ready record without a lease: a run's final write."""
+    return status_of(data) == "ready" and json.loads(data)["lease"] is None
+
+
 def is_record(key: str, classifier_id: str) -> bool:
     return key == f"classifiers/{classifier_id}/record.json"
 
@@ -141,8 +157,10 @@ def test_a_job_runs_and_names_its_run(services):
     run_training_job(services, classifier_id)
     record = services.store.load_record(classifier_id)
     assert record.status == "ready" and record.attempts == 1 and record.lease is None
-    assert files(services, classifier_id, "heads") == [
-        f"classifiers/{classifier_id}/heads/{record.run}.npz"]
+    assert not record.refining and record.run.endswith(f"-{record.stage}")
+    assert f"classifiers/{classifier_id}/heads/{record.run}.npz" in files(services, classifier_id,
+                                                                          "heads")
+    assert runs_of(services, classifier_id, "heads") == {run_of(record)}
     assert json.loads(services.store.load_report(record))["classifier_id"] == classifier_id
     assert record.training_seconds > 0
     assert services.store.active_ids() == []
@@ -240,10 +258,9 @@ def test_two_workers_running_one_job_at_once_leave_one_consistent_classifier(ser
         worker.join(timeout=120)
     record = services.store.load_record(classifier_id)
     assert record.status == "ready" and record.attempts == 1
-    assert files(services, classifier_id, "heads") == [
-        f"classifiers/{classifier_id}/heads/{record.run}.npz"]
-    assert files(services, classifier_id, "reports") == [
-        f"classifiers/{classifier_id}/reports/{record.run}.json"]
+    assert runs_of(services, classifier_id, "heads") == {run_of(record)}
+    assert runs_of(services, classifier_id, "reports") == {run_of(record)}
+    assert services.store.load_head(record) and services.store.load_report(record)
     assert transitions(services, "training") == transitions(services, "ready") == 1
 
 
@@ -306,7 +323,7 @@ def test_a_heartbeat_after_the_final_write_changes_nothing(services, monkeypatch
 
     def note_the_final_write(real, key, data, tag):
         new_tag = real(key, data, tag)
-        if is_record(key, classifier_id) and status_of(data) == "ready":
+        if is_record(key, classifier_id) and is_final(data):
             runs[0]._lock.committer = threading.current_thread()
         return new_tag
 
@@ -320,13 +337,12 @@ def test_a_heartbeat_after_the_final_write_changes_nothing(services, monkeypatch
     stored = services.store.load_versioned(classifier_id)
     assert stored.record.status == "ready" and stored.record.lease is None
     assert stored.tag == run._tag  # nothing was written after the final write
-    assert files(services, classifier_id, "heads") == [
-        f"classifiers/{classifier_id}/heads/{stored.record.run}.npz"]
+    assert runs_of(services, classifier_id, "heads") == {run_of(stored.record)}
     assert json.loads(services.store.load_report(stored.record))["classifier_id"] == classifier_id
     assert transitions(services, "ready") == 1
 
 
-def test_a_final_write_the_store_refuses_ends_failed_and_leaves_no_files(services):
+def test_a_first_commit_the_store_refuses_ends_failed_and_leaves_no_files(services):
     classifier_id = create(services)
 
     def refuse(real, key, data, tag):
@@ -353,7 +369,7 @@ def test_a_final_write_that_landed_before_its_error_is_kept(services):
 
     def answer_lost(real, key, data, tag):
         new_tag = real(key, data, tag)
-        if is_record(key, classifier_id) and status_of(data) == "ready":
+        if is_record(key, classifier_id) and is_final(data):
             raise StoreUnavailable("cannot reach the store: connection reset")
         return new_tag
 
@@ -402,6 +418,19 @@ def test_a_store_outage_at_the_final_write_leaves_the_job_to_the_sweep(services)
     assert record.status == "ready" and services.store.load_head(record)
 
 
+def delete_while_it_waits(services, classifier_id, reached: threading.Event,
+                          deleted: threading.Event) -> None:
+    """Runs the job on a thread; once it has `reached` a point where it waits for `deleted`,
+    deletes the classifier, lets it go on, and checks that it ends."""
+    worker = threading.Thread(target=run_training_job, args=(services, classifier_id))
+    worker.start()
+    assert reached.wait(timeout=120)
+    delete_classifier(services, classifier_id)
+    deleted.set()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+
+
 def test_a_delete_during_commit_leaves_nothing_under_the_prefix(services):
     """DELETE lands after the run saved its head and report, before its record write."""
     classifier_id = create(services)
@@ -414,14 +443,7 @@ def test_a_delete_during_commit_leaves_nothing_under_the_prefix(services):
             assert deleted.wait(timeout=60)
 
     services.store.blobs.around["put"] = hold_after_the_report
-    worker = threading.Thread(target=run_training_job, args=(services, classifier_id))
-    worker.start()
-    assert saved.wait(timeout=120)
-    delete_classifier(services, classifier_id)
-    deleted.set()
-    worker.join(timeout=60)
-
-    assert not worker.is_alive()
+    delete_while_it_waits(services, classifier_id, saved, deleted)
     assert services.store.blobs.list(f"classifiers/{classifier_id}") == []
     assert services.store.active_ids() == []
     assert services.store.blobs.list("deleted") == [f"deleted/{classifier_id}"]
@@ -443,14 +465,7 @@ def test_a_worker_writing_after_delete_stops_and_brings_nothing_back(services):
         return new_tag
 
     services.store.blobs.around["put_if"] = hold_while_training
-    worker = threading.Thread(target=run_training_job, args=(services, classifier_id))
-    worker.start()
-    assert training.wait(timeout=120)
-    delete_classifier(services, classifier_id)
-    deleted.set()
-    worker.join(timeout=60)
-
-    assert not worker.is_alive()
+    delete_while_it_waits(services, classifier_id, training, deleted)
     assert not services.store.exists(classifier_id)
     assert services.store.blobs.list(f"classifiers/{classifier_id}") == []
     assert services.store.active_ids() == []

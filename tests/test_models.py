@@ -9,11 +9,12 @@ from models.augmentation import Augmentation, augment
 from models.backbone import FEATURE_DIM, build_vgg16
 from models.evaluation import evaluate
 from models.features import extract_features
-from models.options import AUTO_CANDIDATES, AugmentationOptions, HeadOptions, TrainingConfig
+from models.options import (AUTO_CANDIDATES, AUTO_HEADS, AugmentationOptions, HeadOptions,
+                            TrainingConfig)
 from models.prediction import class_scores, rank
 from models.preprocessing import load_image
 from models.weights import IMAGENET_FINGERPRINT
-from tests.helpers import COLOURS, image_bytes
+from tests.helpers import COLOURS, forced_loss, image_bytes
 
 SIZE = 32
 
@@ -119,15 +120,108 @@ def test_invalid_augmentation_is_refused():
 
 
 def test_backbone_runs_once_per_image_and_view(backbone):
+    """Both stages, preview and augmented, use view 0: it is extracted once."""
     images, labels, names = toy_images(per_label=5)
     before = backbone.passes
     config = FAST.model_copy(update={"augmentation": AugmentationOptions(views=3)})
-    result = training.train_classifier(images, labels, names, backbone, config)
-    m = result.report["m"]
-    # Every image trains the served head, so every image has its views.
+    made: list[training.TrainingResult] = []
+    result = training.train_classifier(images, labels, names, backbone, config,
+                                       on_stage=made.append)
     assert backbone.passes - before == len(images) * (1 + 3)
-    assert m["train"] == m["validation"] == len(images)
-    assert m["train_after_augmentation"] == len(images) * 4
+    assert [stage["stage"] for stage in result.stages] == ["preview", "augmented"]
+    preview = made[0].report["m"]
+    assert made[0].stage == "preview" and preview["train_after_augmentation"] == len(images)
+    # Every image trains the served head, so every image has its views.
+    augmented = training.train_classifier(images, labels, names, backbone, config,
+                                          stages=training.STAGES[1:]).report["m"]
+    assert augmented["train"] == augmented["validation"] == len(images)
+    assert augmented["train_after_augmentation"] == len(images) * 4
+
+
+def test_the_augmented_stage_reuses_view_0_and_draws_the_same_views(backbone):
+    images, labels, names = toy_images(per_label=3)
+    config = FAST.model_copy(update={"augmentation": AugmentationOptions(views=2)})
+    run = training.StagedRun(images, labels, names, backbone, config,
+                             folds=np.zeros(len(images), int), on_progress=lambda p: None,
+                             should_stop=lambda: False)
+    first = run.extract("preview", views=0).copy()
+    before = backbone.passes
+    staged = run.extract("augmented", views=2)
+    assert backbone.passes - before == len(images) * 2
+    at_once = extract_features(images, backbone, views=2, augmentation=config.augmentation,
+                               seed=config.seed, batch_size=32)
+    assert first.shape == (6, 1, FEATURE_DIM) and staged.shape == (6, 3, FEATURE_DIM)
+    np.testing.assert_array_equal(staged[:, 0], first[:, 0])
+    np.testing.assert_allclose(staged, at_once, rtol=1e-5, atol=1e-5)
+
+
+def test_a_later_stage_is_served_only_when_its_loss_is_lower(backbone):
+    images, labels, names = toy_images(per_label=4)
+    stages = (("preview", forced_loss(training.preview_stage, 0.5)),
+              ("augmented", forced_loss(training.augmented_stage, 0.7)),
+              ("again", forced_loss(training.preview_stage, 0.5)),  # a tie does not replace
+              ("last", forced_loss(training.augmented_stage, 0.3)))
+    served: list[training.TrainingResult] = []
+    result = training.train_classifier(images, labels, names, backbone, FAST, stages=stages,
+                                       on_stage=served.append)
+    assert [r.val_loss for r in served] == [0.5, 0.3]
+    assert [r.stage for r in served] == ["preview", "augmented"]
+    assert result is served[-1] and result.report["stage"] == "augmented"
+    assert [s["served"] for s in result.stages] == [True, False, False, True]
+    assert [s["val_loss"] for s in result.stages] == [0.5, 0.7, 0.5, 0.3]
+    assert all(s["elapsed_s"] > 0 for s in result.stages)
+    assert served[0].stages == result.stages[:1]  # what was known when it was served
+
+
+def test_every_stage_validates_on_the_same_folds(backbone):
+    images, labels, names = toy_images(per_label=5)
+    served: list[training.TrainingResult] = []
+    stages = (("preview", forced_loss(training.preview_stage, 1.0)),
+              ("augmented", forced_loss(training.augmented_stage, 0.1)))
+    training.train_classifier(images, labels, names, backbone, FAST, stages=stages,
+                              on_stage=served.append)
+    preview, augmented = served
+    np.testing.assert_array_equal(preview.selection.folds, augmented.selection.folds)
+    assert preview.report["selection"]["k"] == augmented.report["selection"]["k"] == 5
+
+
+def test_the_preview_cross_validates_only_the_exact_candidates(backbone):
+    images, labels, names = toy_images(per_label=4)
+    config = TrainingConfig(augmentation=AugmentationOptions(views=1), max_epochs=5)
+    served: list[training.TrainingResult] = []
+    stages = (("preview", forced_loss(training.preview_stage, 1.0)),
+              ("augmented", forced_loss(training.augmented_stage, 0.1)))
+    training.train_classifier(images, labels, names, backbone, config, stages=stages,
+                              on_stage=served.append)
+    preview, augmented = (r.report["selection"]["candidates"] for r in served)
+    assert [c["head"] for c in preview] == [h.as_dict() for h in AUTO_HEADS if h.is_exact]
+    assert {c["trained_on"] for c in preview} == {"original"}
+    assert [(c["head"], c["trained_on"]) for c in augmented] == [
+        (c.head.as_dict(), c.trained_on) for c in TrainingConfig().heads]
+
+
+def test_a_stage_that_would_repeat_the_preview_is_skipped(backbone):
+    images, labels, names = toy_images(per_label=3)
+    config = FAST.model_copy(update={"augmentation": AugmentationOptions(views=0)})
+    seen = []
+    result = training.train_classifier(images, labels, names, backbone, config,
+                                       on_progress=seen.append)
+    assert [s["stage"] for s in result.stages] == ["preview"]
+    assert {p.training_stage for p in seen} == {"preview"}
+
+
+def test_a_stop_between_stages_cancels(backbone):
+    images, labels, names = toy_images(per_label=3)
+    served = []
+
+    def stop_after_the_first(result):
+        served.append(result)
+
+    with pytest.raises(training.Cancelled):
+        training.train_classifier(images, labels, names, backbone, FAST,
+                                  on_stage=stop_after_the_first,
+                                  should_stop=lambda: bool(served))
+    assert [r.stage for r in served] == ["preview"]
 
 
 def test_early_stopping_restores_the_best_epoch():

@@ -210,7 +210,7 @@ def test_create_from_a_folder_follow_it_read_the_report_try_it_and_delete_it(
     expect(page.get_by_role("heading", name="red-or-blue")).to_be_visible()
     expect(page.get_by_test_id("progress")).to_be_visible()
     expect(page.get_by_test_id("classifier-status")).to_have_text("ready", timeout=WAIT_MS)
-    expect(page.get_by_test_id("progress")).to_be_hidden()
+    expect(page.get_by_test_id("progress")).to_be_hidden(timeout=WAIT_MS)  # after refining
 
     # The report: d/m with its diagnosis, curves, the confusion matrix, per-label scores.
     diagnosis = page.get_by_test_id("diagnosis")
@@ -286,6 +286,34 @@ def test_the_live_view_while_a_classifier_trains_and_delete_cancels_it(server, p
     page.get_by_test_id("delete-button").click()
     page.get_by_role("dialog").get_by_role("button", name="Delete classifier").click()
     expect(page.get_by_role("heading", name="Classifiers")).to_be_visible()
+    assert call("GET", f"{server}/v1/classifiers/{classifier_id}")[0] == 404
+
+
+#: A quick preview (logistic regressions on the un-augmented view), then a long augmented stage
+#: (a hidden layer among the candidates, 1000 slow epochs per fold): refining long enough to watch.
+REFINING = {"max_epochs": 1000, "patience": 200, "learning_rate": 1e-5, "augmentation": {"views": 2}}
+
+
+def test_a_ready_classifier_that_still_refines_says_so_and_predicts(server, page):
+    from playwright.sync_api import expect
+
+    classifier_id = create(server, per_label=8, options=REFINING)
+    page.goto(f"{server}/#/classifiers/{classifier_id}")
+    expect(page.get_by_test_id("classifier-status")).to_have_text("ready", timeout=WAIT_MS)
+    expect(page.get_by_test_id("refining")).to_have_text(" · refining (augmented)")
+    expect(page.locator("section:has([data-testid=progress])")).to_contain_text("Refining")
+    expect(page.get_by_test_id("report-preliminary")).to_contain_text("preview stage")
+    page.get_by_test_id("try-input").set_input_files(
+        {"name": "red.png", "mimeType": "image/png", "buffer": image_bytes(COLOURS["red"], seed=9)})
+    expect(page.get_by_test_id("prediction")).to_have_count(2)
+    screenshot(page, "refining.png")
+    assert json.loads(call("GET", f"{server}/v1/classifiers/{classifier_id}")[1])["refining"]
+
+    page.get_by_role("link", name="All classifiers").click()
+    row = page.locator(f"[data-testid=classifier-row][data-id='{classifier_id}']")
+    expect(row.get_by_test_id("classifier-status")).to_have_text("ready")
+    expect(row.get_by_test_id("refining")).to_contain_text("refining")
+    assert call("DELETE", f"{server}/v1/classifiers/{classifier_id}")[0] == 204  # stops it
     assert call("GET", f"{server}/v1/classifiers/{classifier_id}")[0] == 404
 
 

@@ -161,9 +161,9 @@ def get_classifier(classifier_id: str):
 @api.get("/classifiers/<classifier_id>/report")
 @documented(responses={200: Report, 404: None, 409: None})
 def get_report(classifier_id: str):
-    """Get the training report of a finished classifier."""
-    return json_response(Report.model_validate_json(
-        classifiers.get_report(services(), classifier_id)))
+    """Get the training report of the served head (`final` false while a later stage may still
+    replace it)."""
+    return json_response(Report.model_validate(classifiers.get_report(services(), classifier_id)))
 
 
 @api.get("/classifiers/<classifier_id>/events")
@@ -269,7 +269,7 @@ def delete_classifier(classifier_id: str):
 
 
 def _report_and_name(classifier_id: str) -> tuple[dict, str]:
-    report = Report.model_validate_json(classifiers.get_report(services(), classifier_id))
+    report = Report.model_validate(classifiers.get_report(services(), classifier_id))
     return report.model_dump(mode="json"), classifiers.get_classifier(services(), classifier_id).name
 
 

@@ -34,8 +34,15 @@ class DatasetSummary(BaseModel):
     skipped_total: int = Field(0, description="How many files were skipped in all")
 
 
+#: The training stages, in the order a run goes through them (models.training.STAGES).
+TrainingStage = Literal["preview", "augmented", "fine_tuned"]
+
+
 class ProgressOut(BaseModel):
     stage: Literal["queued", "extracting", "training", "fine_tuning"]
+    training_stage: TrainingStage | None = Field(
+        None, description="Which head the run is making: preview (un-augmented features), "
+                          "augmented, fine_tuned")
     images_done: int | None = None
     images_total: int | None = None
     epoch: int | None = None
@@ -99,10 +106,16 @@ class Classifier(BaseModel):
     progress: ProgressOut | None = None
     metrics: MetricsOut | None = None
     backbone: BackboneOut | None = None
-    error: ErrorOut | None = None
+    error: ErrorOut | None = Field(None, description="Why training failed; on a ready "
+                                                     "classifier, why its refinement stopped")
     options: TrainingOptions
     fine_tuned: FineTunedOut | None = Field(
         None, description="The served head's own fine-tuned blocks, or null (frozen backbone)")
+    stage: TrainingStage | None = Field(
+        None, description="The training stage of the served head (ready classifiers)")
+    refining: bool = Field(
+        False, description="Ready, and a later stage is still training: a better head may "
+                           "replace the served one (then `progress` is non-null too)")
     version: int = Field(1, description="The version `production` names: what predict uses")
     versions: int = Field(1, description="How many versions there are")
     aliases: dict[str, int] = Field({"production": 1}, description="Alias → version")
@@ -314,6 +327,16 @@ class EpochRow(BaseModel):
     val_accuracy: float
 
 
+class StageOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    stage: TrainingStage
+    val_loss: float = Field(description="Out-of-fold validation loss of the stage's head")
+    val_accuracy: float
+    elapsed_s: float = Field(description="Seconds from the start of training to the head")
+    served: bool = Field(description="Whether it replaced the served head (its loss was lower "
+                                     "than every earlier stage's)")
+
+
 class CalibrationOut(BaseModel):
     model_config = ConfigDict(extra="allow")
     temperature: float = Field(description="Scores are softmax(logits / temperature)")
@@ -356,9 +379,17 @@ class FeatureCacheReport(BaseModel):
 
 
 class Report(BaseModel):
-    """The training report of a finished classifier."""
+    """The training report of the served head."""
 
     classifier_id: str
+    stage: TrainingStage = Field("augmented", description="The training stage that made this "
+                                                          "head")
+    final: bool = Field(True, description="False while the run goes on and a later stage may "
+                                          "still replace this head; computed from the "
+                                          "classifier when the report is read")
+    stages: list[StageOut] = Field(
+        [], description="Every training stage run so far, in order (empty for classifiers "
+                        "trained before stages)")
     labels: list[str]
     m: DatasetSizes
     d: int = Field(description="Trainable parameters: the head's, plus the trained conv layers' "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Callable
@@ -149,13 +150,18 @@ def _view(services: Services, first: ClassifierRecord
     return record.model_copy(update={"created_at": first.created_at}), versions
 
 
-def get_report(services: Services, classifier_id: str) -> bytes:
-    """The served head's training report, a JSON document."""
+def get_report(services: Services, classifier_id: str) -> dict:
+    """The served head's training report, as stored with its head, plus what only the record
+    knows when it is read: "final" (no better stage can replace it: the run has ended) and
+    "stages" (every stage run so far)."""
     record = get_classifier(services, classifier_id)
     if record.status != "ready":
         raise Conflict(f"classifier {classifier_id} is {record.status}; the report exists once "
                        "training has finished")
-    return services.store.load_report(record)
+    report = json.loads(services.store.load_report(record))
+    report["final"] = not record.refining
+    report["stages"] = record.stages
+    return report
 
 
 def delete_classifier(services: Services, classifier_id: str) -> None:
@@ -168,7 +174,7 @@ def delete_classifier(services: Services, classifier_id: str) -> None:
             record = store.load_record(classifier_id, version)
         except NotFound:
             continue
-        if record.status in ACTIVE_STATUSES:
+        if record.in_flight:
             services.runner.cancel(job_id(classifier_id, version))
     store.delete(classifier_id)
     services.heads.forget(classifier_id)

@@ -6,12 +6,13 @@ from the store, so a stream works behind any API replica, and so does its resump
 
 Events, in the order they are sent for one reading of the record:
 
-    status    the status changed (and the first event of a stream): the resource's key fields
+    status    the status changed (and the first event of a stream), or `refining` did (a ready
+              classifier whose run still trains a later stage): the resource's key fields
     version   the served version changed (only for records that have versions)
     epoch     one learning-curve row of the fit now running, each row once
     progress  the progress changed: stage, images done and total, epoch, and the last row's metrics
-    done      the classifier is finished (ready with nothing left to train, failed, cancelled) or
-              was deleted; the stream then ends
+    done      the classifier is finished (ready with nothing left to train: not refining, no
+              progress; failed, cancelled) or was deleted; the stream then ends
 
 Event ids are cursors. An id says everything the client has been sent, so that any replica can
 resume from it with nothing but the stored record and send no event twice:
@@ -20,7 +21,7 @@ resume from it with nothing but the stored record and send no event twice:
 
 `seq` is the record's `updated_at` in milliseconds (never less than the previous id's) and `index`
 the event's place among those sent for that record: together they make ids increase. The rest is
-the state sent so far: the status, the version (`-` without one), a checksum of the progress
+the state sent so far: the status (`ready_refining` while refining), the version (`-` without one), a checksum of the progress
 (without its rows), a checksum of the running fit's first row (another fit has another), how
 many of that fit's rows were sent, and 1 once `done` was sent. Clients treat ids as opaque.
 """
@@ -125,9 +126,10 @@ def changes(record: dict[str, Any] | None, cursor: Cursor | None,
         send("done", {"id": classifier_id, "status": "deleted"}, status="deleted", done=True)
         return sent, state, True
     status, version = record["status"], record.get("version")
-    if cursor is None or status != cursor.status:
+    refining = bool(record.get("refining"))
+    if cursor is None or _status_key(status, refining) != cursor.status:
         send("status", {name: record[name] for name in STATUS_FIELDS if name in record},
-             status=status)
+             status=_status_key(status, refining))
     if version is not None and version != state.version:
         send("version", {name: record.get(name) for name in ("version", "versions", "aliases")},
              version=version)
@@ -143,7 +145,7 @@ def changes(record: dict[str, Any] | None, cursor: Cursor | None,
         last = {name: value for name, value in rows[-1].items() if name != "epoch"} \
             if rows else None
         send("progress", {**progress, "metrics": last}, progress=digest)
-    finished = status not in ACTIVE and not progress
+    finished = status not in ACTIVE and not progress and not refining
     state = replace(state, progress=digest, done=state.done and finished)
     if finished and not state.done:
         send("done", {name: record.get(name) for name in ("id", "status", "metrics", "error",
@@ -198,6 +200,11 @@ def stream(read_record: Callable[[], dict[str, Any] | None], classifier_id: str,
 
 
 _UNREAD = object()
+
+
+def _status_key(status: str, refining: bool) -> str:
+    """The status as a cursor keeps it: refining is a state of its own."""
+    return f"{status}_refining" if refining else status
 
 
 def _millis(timestamp: str) -> int:

@@ -1,6 +1,7 @@
 """Nothing accepted is lost: re-queue jobs whose worker died, re-publish jobs whose queue message
-was lost, fail jobs that keep dying. Every change is a compare-and-set on the record read, so a
-sweep never overwrites a newer write with the snapshot it listed."""
+was lost, fail jobs that keep dying, end the refinement of a ready classifier whose worker died
+(it keeps serving its last committed stage). Every change is a compare-and-set on the record
+read, so a sweep never overwrites a newer write with the snapshot it listed."""
 
 from __future__ import annotations
 
@@ -54,22 +55,39 @@ def requeue_or_fail(services: Services, current: Versioned) -> None:
                 record.attempts + 1, services.settings.max_attempts)
 
 
+def end_refinement(services: Services, current: Versioned) -> bool:
+    """Ends a refinement whose worker is gone: the classifier stays ready on its last committed
+    stage, `refining` false. Not re-queued: a new run would start again from the preview, and
+    the served head is already the best one committed."""
+    record = current.record.model_copy(deep=True)
+    record.refining, record.progress, record.lease = False, None, None
+    record.updated_at = utc_now()
+    if not _replace(services, record, current.tag):
+        return False
+    log.warning("job %s: its worker stopped while refining; it keeps serving stage %s",
+                record.id, record.stage)
+    return True
+
+
 def recover_jobs(services: Services) -> None:
     """On start of the in-process runner: re-queue what a previous process left queued or
-    training (it is gone: nothing else runs these jobs), or fail a job that keeps dying.
-    Reads every record once (records older than the `active/` index are not in it; versions
-    after the first are all younger)."""
+    training (it is gone: nothing else runs these jobs), fail a job that keeps dying, end a
+    refinement it left running. Reads every record once (records older than the `active/`
+    index are not in it; versions after the first are all younger)."""
     store = services.store
     for current in _active(services, sorted(set(store.classifier_ids()) | set(store.active_ids()),
                                             reverse=True)):
         if current.record.status in ACTIVE_STATUSES:
             requeue_or_fail(services, current)
+        elif current.record.refining:
+            end_refinement(services, current)
 
 
 def sweep(services: Services) -> None:
     """Runs every few seconds in every API process; reads only the jobs in flight.
 
     - training, lease expired: the worker is gone; re-queue (or fail) the job;
+    - ready and refining, lease expired: the worker is gone; end the refinement;
     - queued for longer than `requeue_queued_after_s`: its message may be lost (a broker
       restarted without persistence, a crash between saving and publishing); publish it again.
       A duplicate delivery is harmless: the claim is a compare-and-set.
@@ -78,9 +96,11 @@ def sweep(services: Services) -> None:
     stale_queue = timedelta(seconds=settings.requeue_queued_after_s)
     for current in _active(services):
         record = current.record
-        if record.status == "training" and (
-                record.lease is None or record.lease.expired(settings.lease_seconds)):
+        lost = record.lease is None or record.lease.expired(settings.lease_seconds)
+        if record.status == "training" and lost:
             requeue_or_fail(services, current)
+        elif record.refining and lost:
+            end_refinement(services, current)
         elif record.status == "queued" and now - record.updated_at > stale_queue:
             _republish(services, current)
 
@@ -113,7 +133,7 @@ def _active(services: Services, ids: list[str] | None = None):
             if store.is_deleted(classifier_id) or classifier_age_s(classifier_id) > CREATING_S:
                 store.drop_from_active(job)
             continue
-        if current.record.status not in ACTIVE_STATUSES:
+        if not current.record.in_flight:
             store.drop_from_active(job)
             continue
         yield current

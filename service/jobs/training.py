@@ -1,4 +1,5 @@
-"""Run a training job: claim it, train on its stored dataset, commit the head and report.
+"""Run a training job: claim it, train on its stored dataset stage by stage, commit each better
+head and its report as it comes, then end the run.
 
 Imports TensorFlow (through `models.training`): only training threads and workers import this.
 """
@@ -18,8 +19,8 @@ from models import promotion, training
 from models import trust as trust_lib
 from models.health import content_hash
 from models.backbone import device_name
-from models.features import extract_features, image_hash
-from models.finetune import block_arrays, fine_tune_stage
+from models.features import extract_features
+from models.finetune import block_arrays
 from models.heads import serialize_weights
 from models.prediction import apply_head
 from models.options import TrainingOptions
@@ -33,13 +34,14 @@ from service.serving.heads import load_served_head
 from service.storage.archive import Dataset
 from service.storage.classifiers import PreconditionFailed, Versioned
 from service.storage.features import StoredFeatureCache
-from service.storage.records import ACTIVE_STATUSES, ClassifierRecord, Lease, Progress, utc_now
+from service.storage.records import (ACTIVE_STATUSES, ClassifierRecord, Error, Lease, Progress,
+                                     utc_now)
 
 log = logging.getLogger(__name__)
 
 
 def training_config(options: TrainingOptions, max_image_pixels: int,
-                    fine_tune_budget_s: float = 600.0) -> training.TrainingConfig:
+                    fine_tune_budget_s: float = 0.0) -> training.TrainingConfig:
     """The ML code's config of the stored options (the same pydantic fields) and the limits."""
     return training.TrainingConfig.of(options, max_image_pixels=max_image_pixels,
                                       fine_tune_budget_s=fine_tune_budget_s)
@@ -59,7 +61,9 @@ def run_training_job(services: Services, job: str,
         should_stop: polled between batches and epochs; True cancels the job.
 
     A failure is recorded in the classifier (status failed, error with the reason), then
-    re-raised for the runner to log.
+    re-raised for the runner to log; after a committed stage the classifier stays ready on
+    that stage's head, its error saying why the refinement stopped. A cancellation after a
+    committed stage leaves it ready too.
     """
     claimed = claim(services, job)
     if claimed is None:
@@ -74,21 +78,25 @@ def run_training_job(services: Services, job: str,
             comparison = _promotion(services, run.record, dataset, result)
             if comparison is not None:
                 report["promotion"] = comparison
-            run.commit(head_file(result), report, result.spec.as_dict(),
-                       fine_tuned=result.fine_tuned)
+            run.finish(list(result.stages), report)
         except (training.Cancelled, Stopped):
+            run.end_refinement()  # cancelled after a committed stage: it stays ready
             log.info("job %s: stopped: %s", job, run.stop_reason or "cancelled")
             services.metrics.job_event("cancelled")
             return
         except Exception as error:  # a failed commit too: never left training
-            run.fail("Training failed", _failure_detail(error))
+            detail = _failure_detail(error)
+            if run.served_run is None:
+                run.fail("Training failed", detail)
+            else:  # NB: the served head is still good; only its refinement failed
+                run.end_refinement(Error(title="Refinement failed", detail=detail))
             services.metrics.job_event("failed")
             raise
     if not run.finished:
         log.info("job %s: result discarded: %s", job, run.stop_reason)
         return
-    services.metrics.job_event("ready")
-    log.info("job %s: ready, validation accuracy %.3f", job, run.record.metrics.val_accuracy)
+    log.info("job %s: ready (%s), validation accuracy %.3f", job, run.record.stage,
+             run.record.metrics.val_accuracy)
     if run.record.version > 1:  # NB: after the final write, by its own compare-and-set
         versions.settle_promotion(services, run.record, comparison)
 
@@ -147,18 +155,20 @@ def _train(services: Services, run: TrainingRun, dataset: Dataset) -> training.T
     encoded = [image.data for image in dataset.images]
     labels = np.array([label_index[image.label] for image in dataset.images])
     cache = StoredFeatureCache(services.store, record.id, services.settings.feature_cache_bytes)
+
+    def serve(result: training.TrainingResult) -> None:
+        result.report["features"] = dict(cache.summary)  # so far: this stage's extractions
+        run.commit_stage(result.stage, head_file(result),
+                         _report(services, run, result), result.spec.as_dict(),
+                         list(result.stages), fine_tuned=result.fine_tuned)
+
     result = training.train_classifier(
         encoded, labels, record.labels, backbone, config,
-        on_progress=run.on_progress, should_stop=run.should_stop, cache=cache,
+        on_progress=run.on_progress, should_stop=run.should_stop, on_stage=serve, cache=cache,
         paths=[image.path for image in dataset.images],
         hashes=[content_hash(data) for data in encoded])
-    result.report["features"] = cache.summary
-    # NB: fine-tuning call site until staged training (branch `stages`) lists it as a stage;
-    # it reports why it did not run, too ("off", no room, over budget).
-    pixels = DecodedImages(encoded, backbone.image_size, max_pixels=config.max_image_pixels)
-    return fine_tune_stage(pixels, labels, record.labels, result, backbone, config,
-                           hashes=[image_hash(data) for data in encoded],
-                           on_progress=run.on_progress, should_stop=run.should_stop)
+    result.report["features"] = dict(cache.summary)  # the whole run's, for the final report
+    return result
 
 
 def head_file(result: training.TrainingResult) -> bytes:

@@ -11,8 +11,8 @@
     classifiers/{id}/features.npz        the feature cache: backbone features by (image, view) key
     classifiers/{id}/exports/{run}/{format}.zip   an export of that run (a cache: rebuilt if lost)
     classifiers/{id}/exports/{run}/{format}.json  its build while there is no zip (jobs/export.py)
-    active/{job}                         index: the job is queued or training; a job id is
-                                         the classifier id (version 1) or `{id}.v{n}`
+    active/{job}                         index: the job is queued, training or refining; a job
+                                         id is the classifier id (version 1) or `{id}.v{n}`
     deleted/{id}                         tombstone: the classifier was deleted
 
 Records change only by compare-and-set on their version tag (`save_record(record, tag)`), so of
@@ -35,7 +35,7 @@ from typing import IO
 
 from service.errors import NotFound
 from service.storage.blobs import BlobStore, PreconditionFailed
-from service.storage.records import ACTIVE_STATUSES, ClassifierRecord, ClassifierVersions
+from service.storage.records import ClassifierRecord, ClassifierVersions
 
 _ID_PATTERN = re.compile(r"clf_[0-9a-z]{20}")  # NB: fullmatch; "$" would let "\n" through
 #: What a run id or an export format may be, before either becomes part of a key.
@@ -130,7 +130,7 @@ class ClassifierStore:
 
     def create_record(self, record: ClassifierRecord) -> str:
         """Writes a new record (its id and version must be unused); returns its version tag."""
-        if record.status in ACTIVE_STATUSES:
+        if record.in_flight:
             self.blobs.put(self._active_key(record), b"")
         return self.blobs.put_if(self._record_key(record.id, record.version), record.to_json(),
                                  None)
@@ -145,7 +145,7 @@ class ClassifierStore:
                 removed again).
         """
         key, active = self._record_key(record.id, record.version), self._active_key(record)
-        if record.status in ACTIVE_STATUSES:
+        if record.in_flight:
             self.blobs.put(active, b"")
         try:
             new_tag = self.blobs.put_if(key, record.to_json(), tag)
@@ -157,7 +157,7 @@ class ClassifierStore:
         if self.is_deleted(record.id):
             self.purge(record.id)
             raise NotFound(f"classifier {record.id} was deleted")
-        if record.status not in ACTIVE_STATUSES:
+        if not record.in_flight:
             self.blobs.delete(active)
         return new_tag
 
@@ -251,7 +251,7 @@ class ClassifierStore:
         return self.list_page(limit=len(self.classifier_ids()) or 1)[0]
 
     def active_ids(self) -> list[str]:
-        """Jobs that may be queued or training, from the index: one listing. Job ids: see
+        """Jobs that may be queued, training or refining, from the index: one listing. Job ids: see
         `job_id`."""
         return sorted((key.split("/", 1)[1] for key in self.blobs.list("active")), reverse=True)
 

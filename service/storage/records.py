@@ -53,6 +53,7 @@ class Progress(Stored):
     val_accuracy: float | None = None
     candidate: str | None = None
     history: list[dict[str, Any]] = []
+    training_stage: str | None = None
 
 
 class Metrics(Stored):
@@ -111,6 +112,10 @@ class ClassifierRecord(Stored):
         None, description="The committed head's fine-tuned blocks: blocks, l2_sp, learning_rate, "
                           "relative_shift; None when the blocks are the shared frozen ones")
     training_seconds: float | None = None
+    stage: str | None = Field(None, description="The training stage whose head `run` is")
+    refining: bool = Field(False, description="Ready, and its run is still making a better head")
+    stages: list[dict[str, Any]] = Field(
+        [], description="One summary per training stage run so far (models.training.stage_summary)")
     # Versions (records written before them are version 1; `promote` only matters for 2 and up)
     version: int = 1
     promote: Literal["if_better", "always", "never"] = "if_better"
@@ -118,6 +123,12 @@ class ClassifierRecord(Stored):
     threshold: float | None = Field(
         None, description="The committed head's default rejection threshold (None: stored "
                           "before trust data existed, or not ready)")
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a job may still write this record: queued, training, or refining a served
+        head (what the store's `active/` index lists)."""
+        return self.status in ACTIVE_STATUSES or self.refining
 
     @property
     def features_precision(self) -> str:

@@ -3,7 +3,7 @@
 
 import {api, showMessage} from "./api.js";
 import {learningCurves} from "./charts.js";
-import {h, number, statusBadge, uid, when} from "./dom.js";
+import {h, number, refiningNote, statusBadge, uid, when} from "./dom.js";
 import {follow} from "./live.js";
 import * as reportView from "./report.js";
 import * as tryView from "./try.js";
@@ -22,6 +22,7 @@ const STAGES = {
 function stageText(progress, status) {
   const stage = progress?.stage || status;
   const parts = [STAGES[stage] || stage];
+  if (progress?.training_stage) parts.unshift(STAGES[progress.training_stage] || progress.training_stage);
   if (Number.isFinite(progress?.images_total) && progress.images_total > 0) {
     parts.push(`${number(progress.images_done ?? 0)} of ${number(progress.images_total)} images`);
   }
@@ -130,7 +131,9 @@ export function mount(root, ctx) {
     const busy = status === "queued" || status === "training" || Boolean(progress);
     liveSection.hidden = !busy;
     if (!busy) return;
-    stage.textContent = status === "ready" ? `Refining: ${stageText(progress, status)}` : stageText(progress, status);
+    stage.textContent = status === "ready"
+      ? `Refining (the served head stays until a better one is ready): ${stageText(progress, status)}`
+      : stageText(progress, status);
     if (progress?.stage === "extracting" && progress.images_total) {
       bar.max = progress.images_total;
       bar.value = progress.images_done ?? 0;
@@ -147,7 +150,7 @@ export function mount(root, ctx) {
     classifier = next;
     title.textContent = next.name;
     document.title = `${next.name} · Headstart`;
-    badge.replaceChildren(statusBadge(next.status));
+    badge.replaceChildren(statusBadge(next.status), refiningNote(next));
     meta.replaceChildren(
       h("span", {class: "mono"}, next.id),
       h("span", {}, `${number(next.dataset?.images)} images · ${next.labels.length} labels`),
@@ -181,9 +184,9 @@ export function mount(root, ctx) {
       } else if (moved) {
         versions.refresh();
       }
-      const key = `${next.version ?? ""}|${next.updated_at}|${Boolean(next.progress)}`;
-      if (!next.progress && reportLoaded !== key) loadReport(key);
-      else if (!reportLoaded) loadReport(key);
+      // NB: a new key when another stage is served or the refinement ends, not per progress write
+      const key = `${next.version ?? ""}|${next.stage ?? ""}|${Boolean(next.refining)}|${next.metrics?.val_loss ?? ""}`;
+      if (reportLoaded !== key) loadReport(key);
     }
   }
 
@@ -203,6 +206,7 @@ export function mount(root, ctx) {
     resource: render,
     progress: (progress) => {
       showProgress(progress, classifier?.status || "training");
+      if (classifier?.refining) badge.replaceChildren(statusBadge(classifier.status), refiningNote({...classifier, progress}));
       if (progress.stage === "training" && progress.candidate && progress.candidate !== candidate) {
         candidate = progress.candidate;
         live = [];

@@ -69,6 +69,20 @@ export function statusBadge(status, extra = {}) {
     status);
 }
 
+/** A training stage in words: preview, augmented, fine-tuned. */
+export function stageName(stage) {
+  return String(stage).replace("_", "-");
+}
+
+/** " · refining (stage)" after a ready classifier's badge while a later stage trains (null
+ * otherwise); `refining` is a test hook. */
+export function refiningNote(classifier) {
+  if (!classifier?.refining) return null;
+  const stage = classifier.progress?.training_stage;
+  return h("span", {class: "muted small", "data-testid": "refining"},
+    ` · refining${stage ? ` (${stageName(stage)})` : ""}`);
+}
+
 /** A definition list from [term, value] pairs; values may be nodes. */
 export function facts(pairs, attrs = {}) {
   return h("dl", {class: "facts", ...attrs},

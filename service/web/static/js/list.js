@@ -3,7 +3,7 @@
 
 import {api} from "./api.js";
 import * as create from "./create.js";
-import {h, percent, statusBadge, when} from "./dom.js";
+import {h, percent, refiningNote, statusBadge, when} from "./dom.js";
 
 const REFRESH_MS = 2000;
 const BUSY = new Set(["queued", "training"]);
@@ -22,7 +22,7 @@ function row(classifier) {
   return h("tr", {"data-testid": "classifier-row", "data-id": classifier.id},
     h("th", {scope: "row", "data-col": "Name"}, link, h("div", {class: "muted small mono"}, classifier.id)),
     h("td", {"data-col": "Status"}, statusBadge(classifier.status),
-      stage ? h("span", {class: "muted small"}, ` ${stage}`) : null),
+      stage ? h("span", {class: "muted small"}, ` ${stage}`) : null, refiningNote(classifier)),
     h("td", {"data-col": "Labels"}, labelsCell(classifier.labels)),
     h("td", {"data-col": "Validation accuracy", class: "num"}, percent(classifier.metrics?.val_accuracy)),
     h("td", {"data-col": "Created"}, h("time", {datetime: classifier.created_at}, when(classifier.created_at))));

@@ -4,7 +4,7 @@
 
 import {download, downloadExport, showMessage} from "./api.js";
 import {confusionMatrix, learningCurves} from "./charts.js";
-import {facts, h, number, percent} from "./dom.js";
+import {facts, h, number, percent, stageName} from "./dom.js";
 
 function table(caption, columns, rows, attrs = {}) {
   return h("div", {class: "table-scroll", tabindex: "0", role: "region", "aria-label": caption},
@@ -162,6 +162,10 @@ function details(report) {
       report.features ? ["Backbone passes", `${number(report.features.computed)} (image, view) features computed, ${number(report.features.from_cache)} read from the classifier's cache${report.features.note ? ` (${report.features.note})` : ""}`] : null,
       ...timings.map(([stage, seconds]) => [`Time: ${stage}`, `${number(seconds, 2)} s`]),
     ]),
+    report.stages?.length ? table("Training stages (a later stage is served only when its validation loss is lower)",
+      [["Stage"], ["Validation loss", "num"], ["Validation accuracy", "num"], ["Ready after", "num"], ["Served"]],
+      report.stages.map((s) => [stageName(s.stage), loss(s.val_loss), percent(s.val_accuracy),
+        `${number(s.elapsed_s, 1)} s`, s.stage === report.stage ? "✓ now" : (s.served ? "until replaced" : "")])) : null,
     report.selection?.candidates?.length ? table(
       `Heads cross-validated (${report.selection.k} folds; the lowest loss along each L2 path, then the smallest within one standard error of the best is served, refitted on every image)`,
       [["Head"], ["Trained on"], ["d", "num"], ["Validation loss (mean ± SE)", "num"], ["Validation accuracy (mean)", "num"], ["Best epoch", "num"], ["Chosen"]],
@@ -206,7 +210,8 @@ export function render(report, classifier, {base, canExport = false}) {
 
   return h("div", {class: "report-body"},
     h("div", {class: "section-head"}, h("h2", {id: "report-title"}, "Training report"),
-      report.final === false ? h("span", {class: "badge badge-training"}, "preliminary: a better head is still training") : null,
+      report.final === false ? h("span", {class: "badge badge-training badge-wrap", "data-testid": "report-preliminary"},
+        `preliminary (${stageName(report.stage)} stage): a better head may still replace it`) : null,
       h("div", {class: "actions", role: "group", "aria-label": "Download"}, h("span", {class: "muted small"}, "Download:"),
         saveCurves, saveMatrix, saveJson, ...(canExport ? exportControls(report, base) : []))),
     h("div", {class: "stats"},
