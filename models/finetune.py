@@ -28,9 +28,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from models import fitting
 from models.augmentation import Augmentation, augment, augment_each, view_rng
 from models.backbone import Backbone, pool_features
-from models.progress import Cancelled  # NB: the one the job code catches
+from models.diagnosis import fine_tuning_notes
+from models.evaluation import evaluate
+from models.options import FineTuneOptions
+from models.progress import Cancelled, Progress  # NB: Cancelled: the one the job code catches
+from models.results import TrainingResult
+from models.selection import LOSS_RESOLUTION, training_rows
 
 #: Trained blocks → (the frozen layer whose output is cached, the conv layers that train).
 BLOCKS = {
@@ -499,15 +505,6 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
         `d` counts the trained conv parameters), or `frozen` itself with report entries
         `fine_tuning` (why it was skipped or lost, by how much) and `fine_tuned` None.
     """
-    # NB: imported here: models.training will call this stage, so it cannot be imported first.
-    from models import fitting
-    from models.diagnosis import fine_tuning_notes
-    from models.evaluation import evaluate
-    from models.selection import LOSS_RESOLUTION, training_rows
-    from models.options import FineTuneOptions
-    from models.progress import Progress
-    from models.training import TrainingResult
-
     started = time.perf_counter()
     labels = np.asarray(labels, int)
     option, report = config.fine_tune, frozen.report
@@ -701,8 +698,6 @@ def _features(upper: UpperBlocks, activations: np.ndarray, batch_size: int,
 
 def _fit_candidate(option, train, y_train, val, y_val, head, backbone, config, label,
                    on_progress, should_stop) -> FineTuneResult:
-    from models.progress import Progress
-
     rows: list[dict] = []
 
     def on_epoch(epoch: int, row: dict) -> None:

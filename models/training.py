@@ -37,6 +37,7 @@ from models.finetune import fine_tune_stage
 from models.options import HeadCandidate, HeadOptions, TrainingConfig
 from models.preprocessing import DecodedImages
 from models.progress import Cancelled, Progress, ProgressCallback, StopCheck
+from models.results import TrainingResult
 from models.selection import Selection, cross_validate, mean_history, training_rows
 from models.splits import fold_count, stratified_folds, stratified_split
 
@@ -52,35 +53,6 @@ HISTORY = ("the chosen head's learning curve: per epoch, the mean over its k fol
            "the solution of the next stronger L2 on its fold, so its curve is short")
 VALIDATION = ("out of fold: every image scored once, by the chosen head's fold model that did "
               "not train on it (the served head is refitted on every image)")
-
-
-@dataclass
-class TrainingResult:
-    """A trained head and everything the report needs.
-
-    Attributes:
-        spec: the chosen head; head: the Keras head refitted on every image.
-        report: JSON-ready (see `train_classifier`).
-        selection: every candidate's cross-validation.
-        trust: the head's calibration, default threshold and OOD detector (`models.trust`),
-            stored in its head file.
-        stage: the stage that made it ("preview", "augmented", "fine_tuned"; see `STAGES`).
-        val_loss: its out-of-fold validation loss (unrounded): what stages are compared on.
-        stages: one summary per stage run so far, in order (see `stage_summary`).
-        upper: a fine-tuned head's own blocks, conv layer name → (kernel HWIO, bias) float16.
-        fine_tuned: {"blocks", "l2_sp", "learning_rate", "relative_shift"} or None.
-    """
-
-    spec: HeadOptions
-    head: keras.Model
-    report: dict
-    selection: Selection
-    trust: trust.Trust | None = None
-    stage: str = "augmented"
-    val_loss: float = float("nan")
-    stages: tuple[dict, ...] = ()
-    upper: dict | None = None
-    fine_tuned: dict | None = None
 
 
 StageCallback = Callable[[TrainingResult], None]

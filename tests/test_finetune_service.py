@@ -21,7 +21,7 @@ from tests.test_export import create, fetch_export, pixels_of, unpack, wait_read
 #: (the default step size, three epochs) beats it on the held-out fold of these images.
 HEAD = {"hidden_units": 0, "dropout": 0.0, "l2": 10.0}
 FINE_TUNED = {"augmentation": {"views": 1}, "head": HEAD,
-              "fine_tune": {"blocks": 1, "max_epochs": 3, "patience": 3}}
+              "fine_tune": {"blocks": 1, "max_epochs": 5, "patience": 3, "learning_rate": 2e-5}}
 FROZEN = {**FINE_TUNED, "fine_tune": "off"}
 BLOCK5 = ("block5_conv1", "block5_conv2", "block5_conv3")
 BLOCK5_PARAMETERS = 3 * (3 * 3 * 512 * 512 + 512)
