@@ -47,17 +47,35 @@ def wait_for(client: common.Client, path: str, done, timeout_s: float = 7200) ->
         time.sleep(1.0)
 
 
-def test_accuracy(client: common.Client, classifier_id: str, version: int,
-                  test: list[common.Example]) -> float:
-    right = 0
+def predictions(client: common.Client, classifier_id: str, test: list[common.Example],
+                query: str) -> list[dict]:
+    """Predict's answers for the test images, in order (`query`: e.g. "version=2")."""
+    answers = []
     for start in range(0, len(test), 32):
         batch = test[start:start + 32]
         body, content_type = common.encode_multipart(
             [Part("image", path.read_bytes(), path.name) for _, path in batch])
-        answer = client.request("POST", f"/v1/classifiers/{classifier_id}/predict?version="
-                                        f"{version}", body, content_type)
-        right += sum(p["label"] == label for p, (label, _) in zip(answer["predictions"], batch))
-    return right / len(test)
+        answers += client.request("POST", f"/v1/classifiers/{classifier_id}/predict?{query}",
+                                  body, content_type)["predictions"]
+    return answers
+
+
+def test_accuracy(client: common.Client, classifier_id: str, version: int,
+                  test: list[common.Example]) -> float:
+    answers = predictions(client, classifier_id, test, f"version={version}")
+    return sum(p["label"] == label for p, (label, _) in zip(answers, test)) / len(test)
+
+
+def test_scores(client: common.Client, classifier_id: str,
+                test: list[common.Example]) -> list[list[tuple[str, float]]]:
+    """Every test image's labels and scores from the production version (predict's default)."""
+    return [[(e["label"], e["score"]) for e in p["top_k"]]
+            for p in predictions(client, classifier_id, test, "top_k=2")]
+
+
+def finished(version: dict) -> bool:
+    """Trained to its last stage (a ready version may still be refining)."""
+    return version["status"] not in ("queued", "training") and not version.get("refining")
 
 
 def main() -> None:
@@ -90,19 +108,25 @@ def main() -> None:
             Part("dataset", common.dataset_zip(first), "first.zip", "application/zip"),
             Part("options", json.dumps(options).encode())])
         cid = created["id"]
-        one = wait_for(client, f"/v1/classifiers/{cid}/versions/1",
-                       lambda v: v["status"] not in ("queued", "training"))
+        one = wait_for(client, f"/v1/classifiers/{cid}/versions/1", finished)
         seconds, after = time.monotonic() - started, backbone_images(client)
         rows.append(_row(one, seconds, after - before, test_accuracy(client, cid, 1, test)))
+        old_scores = test_scores(client, cid, test)  # production: version 1
         before = backbone_images(client)  # NB: not counting the test predictions
         started = time.monotonic()
         client.post_multipart(f"/v1/classifiers/{cid}/versions", [
             Part("dataset", common.dataset_zip(added), "added.zip", "application/zip"),
             Part("options", json.dumps(options).encode())])
         two = wait_for(client, f"/v1/classifiers/{cid}/versions/2",
-                       lambda v: v["status"] in ("failed", "cancelled") or v["promotion"])
+                       lambda v: finished(v) and (v["status"] != "ready" or v["promotion"]))
         seconds, after = time.monotonic() - started, backbone_images(client)
         rows.append(_row(two, seconds, after - before, test_accuracy(client, cid, 2, test)))
+        client.request("PUT", f"/v1/classifiers/{cid}/aliases/production",
+                       json.dumps({"version": 1}).encode(), "application/json")
+        rolled_back = test_scores(client, cid, test)
+    same = rolled_back == old_scores
+    if not same:
+        raise BenchError("production moved back to version 1 does not predict as version 1 did")
     views = (options.get("augmentation") or {}).get("views", 4)
     body = common.markdown_table(
         ("version", "images", "backbone images", "run s", "val accuracy", "test accuracy",
@@ -110,7 +134,10 @@ def main() -> None:
     body += (f"\n\nBackbone images count every (image, view) pass of the run ({views} augmented "
              "views besides the original) that the classifier's feature cache did not hold, "
              "the promotion's comparison included (it reads the new images' originals). "
-             f"Promotion of version 2: {two['promotion']['reason']}.\n")
+             f"Promotion of version 2: {two['promotion']['reason']}. Production moved back "
+             f"to version 1 (`PUT …/aliases/production`): its predictions of the {len(test)} "
+             "test images (every label's score) are identical to version 1's before version 2 "
+             "existed.\n")
     text = common.section(HEADING, body, {
         "weights": weights, "image size": str(image_size),
         "data": f"per label, hymenoptera train then val: the first {args.first} make version 1, "

@@ -491,5 +491,7 @@ def test_sigterm_ends_open_streams_at_once_and_the_server_exits_0(server, held_r
     reader.join(30)
 
     assert server.process.wait(timeout=30) == 0
-    assert time.monotonic() - stopping < 20
+    # NB: well under the 60 s graceful timeout that a held stream would run into; the margin is
+    # for a loaded machine, where stopping the TensorFlow workers alone took 20 s once
+    assert time.monotonic() - stopping < 40
     assert "the server is shutting down; reconnect with Last-Event-ID" in messages[-1].comments

@@ -33,6 +33,9 @@ def wait_version(client, classifier_id, version, timeout=120):
         body = client.get(f"/v1/classifiers/{classifier_id}/versions/{version}").json
         # NB: the promotion is settled just after the final write
         if body["status"] in ("failed", "cancelled") or body["promotion"] is not None:
+            # NB: promotion is settled after the run's last stage
+            assert body["refining"] is False and (body["stage"] is not None) == \
+                (body["status"] == "ready"), body
             return body
         time.sleep(0.1)
     raise AssertionError(f"version {version} still {body['status']}")

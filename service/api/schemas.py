@@ -160,6 +160,11 @@ class Version(BaseModel):
     fine_tuned: dict[str, Any] | None = Field(
         None, description="The fine-tuned blocks, or null for a frozen backbone")
     threshold: float | None = Field(None, description="Its default rejection threshold")
+    stage: TrainingStage | None = Field(
+        None, description="The training stage of its served head (ready versions)")
+    refining: bool = Field(
+        False, description="Ready, and a later stage is still training (see the classifier's "
+                           "`refining`)")
     error: ErrorOut | None = None
     aliases: list[str] = Field(description="The aliases that point at this version")
     base: int | None = Field(None, description="The version whose images this one started from "
