@@ -61,7 +61,8 @@ class Run:
 
 
 def train(client: Client, split: Split, run: Run, *, poll_s: float, timeout_s: float) -> None:
-    """Creates the classifier and waits for it to finish, printing progress as it changes."""
+    """Creates the classifier and waits for its last stage (a ready classifier may still be
+    refining), printing progress as it changes."""
     parts = [Part("dataset", common.dataset_zip(split.train), f"{split.name}.zip",
                   "application/zip")]
     if run.options:
@@ -74,7 +75,7 @@ def train(client: Client, split: Split, run: Run, *, poll_s: float, timeout_s: f
           f"{classifier['dataset']['per_label']}" + (f", skipped {skipped}" if skipped else ""),
           file=sys.stderr)
     last_line = None
-    while classifier["status"] not in FINAL_STATUSES:
+    while classifier["status"] not in FINAL_STATUSES or classifier.get("refining"):
         if time.perf_counter() - started > timeout_s:
             raise BenchError(f"{tag} {classifier['id']} not finished after {timeout_s:.0f} s")
         time.sleep(poll_s)

@@ -94,12 +94,12 @@ def create_classifiers(client: common.Client, split: common.Split, count: int,
             Part("dataset", common.dataset_zip(examples), "d.zip", "application/zip"),
             Part("options", json.dumps(options).encode())])
         ids.append(created["id"])
-    for classifier_id in ids:
-        while (status := client.get(f"/v1/classifiers/{classifier_id}")["status"]) in (
-                "queued", "training"):
+    for classifier_id in ids:  # to its last stage: a ready classifier may still be refining
+        while (classifier := client.get(f"/v1/classifiers/{classifier_id}"))["status"] in (
+                "queued", "training") or classifier.get("refining"):
             time.sleep(0.5)
-        if status != "ready":
-            raise BenchError(f"classifier {classifier_id} ended {status}")
+        if classifier["status"] != "ready":
+            raise BenchError(f"classifier {classifier_id} ended {classifier['status']}")
     return ids
 
 
