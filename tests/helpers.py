@@ -76,6 +76,26 @@ def forced_loss(stage, loss: float):
     return run
 
 
+class CollectingRunner:
+    """The runner interface, keeping what was submitted; the tests run the jobs themselves
+    (`run_training_job`)."""
+
+    def __init__(self):
+        self.submitted: list[str] = []
+
+    def submit(self, classifier_id):
+        self.submitted.append(classifier_id)
+
+    def cancel(self, classifier_id):
+        pass
+
+    def ping(self):
+        pass
+
+    def depth(self):
+        return len(self.submitted)
+
+
 def multipart(fields: dict[str, list[tuple[str, bytes]] | str]) -> tuple[bytes, str]:
     """Encodes multipart/form-data: name → text, or name → [(filename, bytes), …]."""
     boundary = "headstart-" + uuid.uuid4().hex
