@@ -15,9 +15,11 @@ import urllib.request
 import uuid
 import zlib
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +129,27 @@ def call(method: str, url: str, body: bytes | None = None, content_type: str | N
         return error.code, dict(error.headers), json.loads(data) if data else None
 
 
+def require_server(program: Callable[[], str]) -> None:
+    """Skips the test when `program` (e.g. `tools.localservers.redis_server_program`) finds no
+    installed server; fails instead where HEADSTART_TEST_REQUIRE_SERVERS is set (CI)."""
+    try:
+        program()
+    except FileNotFoundError as error:
+        if os.environ.get("HEADSTART_TEST_REQUIRE_SERVERS"):
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM, as a deployment stops it; killed if it has not exited within 60 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextlib.contextmanager
 def gunicorn_server(tmp: Path, **env: str):
     """A real gunicorn, started as `make run` starts it but bound to 127.0.0.1, on random
@@ -159,9 +182,4 @@ def gunicorn_server(tmp: Path, **env: str):
             yield base, process, log_path
         finally:
             if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                stop(process)
