@@ -151,6 +151,27 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
+def ready_app(settings):
+    """The app `create_app(settings)` builds, once /readyz answers 200; on exit, waits (up to
+    120 s) until none of its classifiers is queued or training: training that outlives a test
+    module would run beside later tests (and reseed `random`)."""
+    from service.app import create_app
+
+    app = create_app(settings)
+    client = app.test_client()
+    deadline = time.monotonic() + 60
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/readyz").json
+        time.sleep(0.1)
+    yield app
+    deadline = time.monotonic() + 120
+    while any(c["status"] in ("queued", "training")
+              for c in client.get("/v1/classifiers").json["classifiers"]):
+        assert time.monotonic() < deadline, "training still running"
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
 def gunicorn_server(tmp: Path, **env: str):
     """A real gunicorn, started as `make run` starts it but bound to 127.0.0.1, on random
     weights at 32 px; yields (base URL, process, log path) once /readyz answers 200."""
