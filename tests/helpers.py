@@ -15,9 +15,11 @@ import urllib.request
 import uuid
 import zlib
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +78,26 @@ def forced_loss(stage, loss: float):
     return run
 
 
+class CollectingRunner:
+    """The runner interface, keeping what was submitted; the tests run the jobs themselves
+    (`run_training_job`)."""
+
+    def __init__(self):
+        self.submitted: list[str] = []
+
+    def submit(self, classifier_id):
+        self.submitted.append(classifier_id)
+
+    def cancel(self, classifier_id):
+        pass
+
+    def ping(self):
+        pass
+
+    def depth(self):
+        return len(self.submitted)
+
+
 def multipart(fields: dict[str, list[tuple[str, bytes]] | str]) -> tuple[bytes, str]:
     """Encodes multipart/form-data: name → text, or name → [(filename, bytes), …]."""
     boundary = "headstart-" + uuid.uuid4().hex
@@ -105,6 +127,48 @@ def call(method: str, url: str, body: bytes | None = None, content_type: str | N
     except urllib.error.HTTPError as error:
         data = error.read()
         return error.code, dict(error.headers), json.loads(data) if data else None
+
+
+def require_server(program: Callable[[], str]) -> None:
+    """Skips the test when `program` (e.g. `tools.localservers.redis_server_program`) finds no
+    installed server; fails instead where HEADSTART_TEST_REQUIRE_SERVERS is set (CI)."""
+    try:
+        program()
+    except FileNotFoundError as error:
+        if os.environ.get("HEADSTART_TEST_REQUIRE_SERVERS"):
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM, as a deployment stops it; killed if it has not exited within 60 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def ready_app(settings):
+    """The app `create_app(settings)` builds, once /readyz answers 200; on exit, waits (up to
+    120 s) until none of its classifiers is queued or training: training that outlives a test
+    module would run beside later tests (and reseed `random`)."""
+    from service.app import create_app
+
+    app = create_app(settings)
+    client = app.test_client()
+    deadline = time.monotonic() + 60
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, client.get("/readyz").json
+        time.sleep(0.1)
+    yield app
+    deadline = time.monotonic() + 120
+    while any(c["status"] in ("queued", "training")
+              for c in client.get("/v1/classifiers").json["classifiers"]):
+        assert time.monotonic() < deadline, "training still running"
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -139,9 +203,4 @@ def gunicorn_server(tmp: Path, **env: str):
             yield base, process, log_path
         finally:
             if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                stop(process)

@@ -1,7 +1,6 @@
 """The API against a real Redis broker that is down, then up: readiness, a fast 503 that stores
 nothing, then queued jobs (no worker runs here: the message waits in the queue)."""
 
-import os
 import time
 
 import pytest
@@ -9,18 +8,13 @@ import pytest
 from service.app import create_app
 from tools.localservers import RedisServer, free_port, redis_server_program
 from service.config import Settings
-from tests.helpers import dataset_zip
+from tests.helpers import dataset_zip, require_server
 from tests.test_api import post_dataset, wait_ready
 
 
 @pytest.fixture
 def redis_port():
-    try:
-        redis_server_program()
-    except FileNotFoundError as error:
-        if os.environ.get("HEADSTART_TEST_REQUIRE_SERVERS"):
-            pytest.fail(str(error))
-        pytest.skip(str(error))
+    require_server(redis_server_program)
     return free_port()
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tools.localservers import SeaweedS3Server, free_port, redis_server_program, weed_program
-from tests.helpers import COLOURS, call, dataset_zip, image_bytes, multipart
+from tests.helpers import COLOURS, call, dataset_zip, image_bytes, multipart, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 LEASE_SECONDS = 6
@@ -74,12 +74,7 @@ def cluster(tmp_path_factory):
         running.wait_ready()
         yield running
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
         running.close()
 
 

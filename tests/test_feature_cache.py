@@ -12,7 +12,6 @@ import dataclasses
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -33,7 +32,8 @@ from service.storage.archive import Dataset, DatasetImage
 from service.storage.blobs import StoreUnavailable
 from service.storage.classifiers import ClassifierStore
 from service.storage.features import KEY_BYTES, StoredFeatureCache, decode
-from tests.helpers import COLOURS, ROOT, image_bytes, labelled_images, make_zip
+from tests.helpers import (COLOURS, ROOT, image_bytes, labelled_images, make_zip,
+                           require_server, stop)
 from tests.test_api import post_dataset, wait_ready, wait_status
 from tests.test_jobs import files, mark_training, services, with_settings  # noqa: F401
 from tests.test_store import s3_client_for, s3_store, seaweed  # noqa: F401
@@ -313,12 +313,7 @@ def test_deleting_a_classifier_removes_its_cache(services):
 def test_a_celery_worker_counts_its_own_training_passes_on_its_metrics_port(tmp_path):
     """The API's /metrics counts what its process ran; a worker's training is on the worker's
     HEADSTART_WORKER_METRICS_PORT."""
-    try:
-        redis_server_program()
-    except FileNotFoundError as error:
-        if os.environ.get("HEADSTART_TEST_REQUIRE_SERVERS"):
-            pytest.fail(str(error))
-        pytest.skip(str(error))
+    require_server(redis_server_program)
     redis_port, metrics_port = free_port(), free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("HEADSTART_")}
     env.update(HEADSTART_STORE=str(tmp_path / "store"),
@@ -347,12 +342,7 @@ def test_a_celery_worker_counts_its_own_training_passes_on_its_metrics_port(tmp_
             on_api = client.get("/metrics").data.decode()
             assert 'headstart_backbone_images_total{purpose="training"} 0.0' in on_api
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop(worker)
 
 
 def test_predict_passes_count_as_predict_and_the_rest_as_training(services, backbone):

@@ -25,13 +25,12 @@ from PIL import Image
 from models.preprocessing import ImageDecodeError, decode_image, load_image, read_header
 from service.api.gthread import GuardedSocket
 from service.api.limits import ClientLimits
-from service.app import create_app
 from service.config import Settings
 from service.errors import PayloadTooLarge, ServiceUnavailable, Unprocessable
 from service.jobs import prediction
 from service.jobs.datasets import DatasetLimits, read_dataset_zip
 from service.storage.blobs import StoreUnavailable
-from tests.helpers import call, gunicorn_server, multipart
+from tests.helpers import call, gunicorn_server, multipart, ready_app
 
 # The 54-byte GIF of the issue: its extension block is cut short, so `n_frames` raised struct.error.
 SHORT_GIF = bytes.fromhex(
@@ -307,20 +306,9 @@ MISSING = "/v1/classifiers/clf_00000000000000000000/predict"
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
-    app = create_app(Settings(store=str(root / "store"), backbone_weights="random", image_size=32,
-                              weights_cache=root / "cache", max_predict_images=8))
-    client = app.test_client()
-    deadline = time.monotonic() + 60
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json
-        time.sleep(0.1)
-    yield app
-    # Training that outlives the module would run beside later tests.
-    deadline = time.monotonic() + 120
-    while any(c["status"] in ("queued", "training")
-              for c in client.get("/v1/classifiers").json["classifiers"]):
-        assert time.monotonic() < deadline, "training still running"
-        time.sleep(0.1)
+    with ready_app(Settings(store=str(root / "store"), backbone_weights="random", image_size=32,
+                            weights_cache=root / "cache", max_predict_images=8)) as app:
+        yield app
 
 
 @pytest.fixture(scope="module")

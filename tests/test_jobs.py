@@ -33,28 +33,9 @@ from service.serving.heads import HeadCache
 from service.storage.blobs import LocalBlobStore, StoreUnavailable
 from service.storage.classifiers import ClassifierStore
 from service.storage.records import ClassifierRecord, DatasetInfo, Lease, utc_now
-from tests.helpers import COLOURS, image_bytes, labelled_images, make_zip
+from tests.helpers import COLOURS, CollectingRunner, image_bytes, labelled_images, make_zip
 
 OPTIONS = TrainingOptions.model_validate({"max_epochs": 30, "augmentation": {"views": 1}})
-
-
-class CollectingRunner:
-    """The runner interface, keeping what was submitted; the tests run the jobs themselves."""
-
-    def __init__(self):
-        self.submitted: list[str] = []
-
-    def submit(self, classifier_id):
-        self.submitted.append(classifier_id)
-
-    def cancel(self, classifier_id):
-        pass
-
-    def ping(self):
-        pass
-
-    def depth(self):
-        return len(self.submitted)
 
 
 class Spied:

@@ -10,10 +10,9 @@ import time
 import pytest
 
 from models.backbone import FEATURE_DIM
-from service.app import create_app
 from service.api.limits import UploadLimiter
 from service.config import Settings
-from tests.helpers import dataset_zip
+from tests.helpers import dataset_zip, ready_app
 
 MAX_PREDICT_BYTES = 4096
 # The uploads here (6 images, no augmented views) fit; 6 images with 8 views do not.
@@ -35,22 +34,11 @@ def listed_ids(client) -> set[str]:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     root = tmp_path_factory.mktemp("limits")
-    app = create_app(Settings(store=str(root / "store"), backbone_weights="random", image_size=32,
-                              weights_cache=root / "cache", max_concurrent_uploads=2,
-                              max_predict_bytes=MAX_PREDICT_BYTES,
-                              max_feature_bytes=MAX_FEATURE_BYTES))
-    client = app.test_client()
-    deadline = time.monotonic() + 60
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, client.get("/readyz").json
-        time.sleep(0.1)
-    yield app
-    # Training that outlives the module would run beside later tests (and reseed `random`).
-    deadline = time.monotonic() + 120
-    while any(c["status"] in ("queued", "training")
-              for c in client.get("/v1/classifiers").json["classifiers"]):
-        assert time.monotonic() < deadline, "training still running"
-        time.sleep(0.1)
+    with ready_app(Settings(store=str(root / "store"), backbone_weights="random", image_size=32,
+                            weights_cache=root / "cache", max_concurrent_uploads=2,
+                            max_predict_bytes=MAX_PREDICT_BYTES,
+                            max_feature_bytes=MAX_FEATURE_BYTES)) as app:
+        yield app
 
 
 def test_a_full_limiter_refuses_an_upload_at_once_and_stores_nothing(app):

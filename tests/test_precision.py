@@ -13,7 +13,7 @@ import pytest
 
 from models.precision import (BF16_CPU_FLAGS, Choice, Gpu, choose, cpu_flags, onednn_enabled,
                               policy_scope, resolve, visible_gpus)
-from tests.helpers import dataset_zip, image_bytes
+from tests.helpers import CollectingRunner, dataset_zip, image_bytes
 
 COMMON = ("fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx "
           "fxsr sse sse2 ht syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology "
@@ -344,25 +344,6 @@ def test_records_from_before_the_precision_was_stored_are_float32():
     assert record.model_copy(update={"backbone": None}).features_precision == "float32"
 
 
-class _Runner:
-    """The runner interface, keeping what was submitted; the test runs the job itself."""
-
-    def __init__(self):
-        self.submitted = []
-
-    def submit(self, classifier_id):
-        self.submitted.append(classifier_id)
-
-    def cancel(self, classifier_id):
-        pass
-
-    def ping(self):
-        pass
-
-    def depth(self):
-        return len(self.submitted)
-
-
 def _services(root, backbone):
     from service.config import Settings
     from service.jobs.services import Services
@@ -377,7 +358,7 @@ def _services(root, backbone):
     holder.get(wait=True)
     return Services(settings=Settings(store=str(root), backbone_weights="random", image_size=32),
                     store=ClassifierStore(LocalBlobStore(root)), backbone=holder,
-                    heads=HeadCache(lambda record: None, capacity=1), runner=_Runner(),
+                    heads=HeadCache(lambda record: None, capacity=1), runner=CollectingRunner(),
                     metrics=Metrics())
 
 

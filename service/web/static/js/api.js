@@ -100,9 +100,8 @@ export function upload(path, form, onProgress) {
   });
 }
 
-/** Fetch with the key, then save the body under `filename` (plain links cannot send a key). */
-export async function download(path, filename) {
-  const response = await api(path, {raw: true, headers: {Accept: "*/*"}});
+/** Save a response's body as the file `filename`, through a hidden link to its blob. */
+async function save(response, filename) {
   const url = URL.createObjectURL(await response.blob());
   const link = h("a", {href: url, download: filename, hidden: true});
   document.body.append(link);
@@ -111,17 +110,17 @@ export async function download(path, filename) {
   setTimeout(() => URL.revokeObjectURL(url), 10_000);
 }
 
+/** Fetch with the key, then save the body under `filename` (plain links cannot send a key). */
+export async function download(path, filename) {
+  await save(await api(path, {raw: true, headers: {Accept: "*/*"}}), filename);
+}
+
 /** Download an export: the server answers 202 with Retry-After while it builds the zip. */
 export async function downloadExport(path, filename, onWait) {
   for (;;) {
     const response = await api(path, {raw: true, headers: {Accept: "application/zip"}});
     if (response.status !== 202) {
-      const url = URL.createObjectURL(await response.blob());
-      const link = h("a", {href: url, download: filename, hidden: true});
-      document.body.append(link);
-      link.click();
-      link.remove();
-      setTimeout(() => URL.revokeObjectURL(url), 10_000);
+      await save(response, filename);
       return;
     }
     const seconds = Number(response.headers.get("Retry-After") || 5);
