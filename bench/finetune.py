@@ -59,7 +59,9 @@ def describe(run: Run) -> dict:
         if run.test_accuracy is not None else run.status,
         "kept": "yes" if report.get("fine_tuned") else ("no" if tuning.get("ran") else "—"),
         "val": (f"{tuning['val_loss']:.4f} vs frozen {tuning['frozen_val_loss']:.4f} "
-                f"on {tuning['held_out_images']}") if "val_loss" in tuning else "—",
+                f"on {tuning['held_out_images']} ({tuning.get('folds', 1)} "
+                f"fold{'s' if tuning.get('folds', 1) > 1 else ''})")
+        if "val_loss" in tuning else "—",
         "shift": ", ".join(f"{name.split('_')[0][-1]}.{name[-1]} {value:.2%}"
                            for name, value in shift.items()) or "—",
         "best": ", ".join(str(t["best_epoch"]) for t in tuning.get("tried", [])) or "—",
@@ -79,7 +81,10 @@ def run_dataset(name: str, shared, weights: str, args: argparse.Namespace) -> st
     runs += [Run(name, size, {**views, "fine_tune": fine_tune_options(b, args)})
              for b in args.blocks]
     throughput = {}
-    with common.running_service(weights, size, ready_timeout_s=args.ready_timeout) as client:
+    budget = {"HEADSTART_FINE_TUNE_BUDGET_S": str(args.fine_tune_budget)} \
+        if args.fine_tune_budget else None
+    with common.running_service(weights, size, ready_timeout_s=args.ready_timeout,
+                                extra_env=budget) as client:
         for run in runs:
             try:
                 train(client, split, run, poll_s=2.0, timeout_s=args.train_timeout)
@@ -123,7 +128,7 @@ def run_dataset(name: str, shared, weights: str, args: argparse.Namespace) -> st
         rows.append([label, info["test"], delta, info["kept"], info["val"], info["best"],
                      info["shift"], info["d"], info["wall"], info["fine_s"], ratio])
     table = common.markdown_table(
-        ["classifier", "test accuracy", "Δ points", "kept fine-tuned", "val loss (held-out fold)",
+        ["classifier", "test accuracy", "Δ points", "kept fine-tuned", "val loss (held-out images)",
          "best epoch", "relative shift (block.conv)", "d", "train wall s", "fine-tuning s",
          "predict p50, c=1"], rows)
     notes = [f"- options: augmentation views {args.views}; fine-tuning max_epochs {args.epochs}, "
@@ -140,8 +145,11 @@ def run_dataset(name: str, shared, weights: str, args: argparse.Namespace) -> st
         notes.append("- throughput of 8 fine-tuned vs 8 frozen classifiers: not measured.")
     body = table + "\n\n" + "\n".join(notes)
     print(body)
-    return common.section(HEADING.format(dataset=split.description, size=size, views=args.views,
-                                         learning_rate=args.learning_rate, l2_sp=args.l2_sp),
+    heading = HEADING.format(dataset=split.description, size=size, views=args.views,
+                             learning_rate=args.learning_rate, l2_sp=args.l2_sp)
+    if args.fine_tune_budget:  # NB: another section than the one-split runs'
+        heading += f", budget {args.fine_tune_budget:g} s"
+    return common.section(heading,
                           body,
                           {"rounds": f"{args.rounds} × {args.seconds:g} s latency, "
                                      f"{args.throughput_seconds:g} s throughput"})
@@ -256,6 +264,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="throughput seconds per set and round (0: skip)")
     parser.add_argument("--serving-only", action="store_true",
                         help="only the in-process serving measurement (no training)")
+    parser.add_argument("--fine-tune-budget", type=float, default=0.0,
+                        help="the service's HEADSTART_FINE_TUNE_BUDGET_S: past the first split, "
+                             "the folds it allows cross-validate the candidates (0: one split)")
     parser.add_argument("--train-timeout", type=float, default=4 * 3600.0)
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)

@@ -452,9 +452,17 @@ EPOCH_COST = {1: 0.5, 2: 2.5}
 CACHE_COST = 1.0
 #: A frozen head whose out-of-fold loss is below this (and accuracy 1) leaves no room.
 NO_ROOM_LOSS = 0.02
-SPLIT = ("one split: the frozen stage's first cross-validation fold is held out of "
-         "fine-tuning and scores every candidate, against the frozen head's out-of-fold "
-         "predictions for the same images")
+def split_description(scored: int, k: int) -> str:
+    """How the candidates were scored: on `scored` of the frozen stage's `k` folds."""
+    if scored == 1:
+        return ("one split: the frozen stage's first cross-validation fold is held out of "
+                "fine-tuning and scores every candidate, against the frozen head's out-of-fold "
+                "predictions for the same images")
+    return (f"cross-validated on {scored} of the frozen stage's {k} folds: every candidate "
+            "trains without each fold and scores it, against the frozen head's out-of-fold "
+            "predictions for the same images")
+
+
 KEEP_RULE = ("kept only if the frozen head's loss minus fine-tuning's, per held-out image, "
              "averages more than its standard error (and 0.001): the frozen head is the "
              "smaller hypothesis")
@@ -462,12 +470,25 @@ RULE = ("the smallest change (mean relative shift of the trained layers) whose v
         "is within one standard error (over the held-out images) of the lowest")
 
 
-def estimate_seconds(option, images: int, views: int, seconds_per_row: float, folds: int) -> float:
-    """Predicted wall time of fine-tuning one candidate (`FineTuneOptions`): its split fit and
-    its refit, each for at most `max_epochs` (the cache is counted by `fine_tune_stage`)."""
+def estimate_seconds(option, images: int, views: int, seconds_per_row: float, folds: int,
+                     scored: int = 1) -> float:
+    """Predicted wall time of fine-tuning one candidate (`FineTuneOptions`): its fits on
+    `scored` of the `folds` cross-validation splits and its refit, each for at most
+    `max_epochs` (the cache is counted by `fine_tune_stage`)."""
     rows = images * (1 + views)
     split_rows = rows * (1 - 1 / folds)
-    return seconds_per_row * option.max_epochs * EPOCH_COST[option.blocks] * (split_rows + rows)
+    return (seconds_per_row * option.max_epochs * EPOCH_COST[option.blocks]
+            * (scored * split_rows + rows))
+
+
+def scored_folds(candidates, images: int, views: int, seconds_per_row: float, folds: int,
+                 budget_s: float, spent_s: float) -> int:
+    """How many of the `folds` splits score the candidates: as many as the budget allows
+    beside `spent_s` (the cache), at least one."""
+    def cost(scored: int) -> float:
+        return spent_s + sum(estimate_seconds(c, images, views, seconds_per_row, folds, scored)
+                             for c in candidates)
+    return max([1] + [scored for scored in range(2, folds + 1) if cost(scored) <= budget_s])
 
 
 def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequence[str],
@@ -481,11 +502,14 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
     frozen stage's measured seconds per backbone pass × `EPOCH_COST` × rows × epochs) fits
     `config.fine_tune_budget_s`; it then tries as many of `config.fine_tune_candidates` as the
     budget allows. An explicit option runs that one candidate. The frozen blocks run once per
-    (image, view), with the frozen stage's seeded views; every candidate trains on fold ≠ 0
-    and is scored on fold 0 (`SPLIT`), warm-started from the frozen head refitted on those
-    images; the chosen one (`RULE`) must beat the frozen head's out-of-fold loss on fold 0
-    by more than a standard error (`KEEP_RULE`), else the frozen result is returned. The winner is refitted on every image for its best
-    epoch count, warm-started from the frozen stage's served head.
+    (image, view), with the frozen stage's seeded views. Every candidate is cross-validated on
+    the frozen stage's folds, as many as the budget allows beside the candidates (`scored_folds`;
+    at least the first, `split_description`): trained without a fold, warm-started from the
+    frozen head refitted on the same images, and scored on the fold's images. The chosen one
+    (`RULE`) must beat the frozen head's out-of-fold loss on the same images by more than a
+    standard error (`KEEP_RULE`), else the frozen result is returned. The winner is refitted
+    on every image for its median best epoch count, warm-started from the frozen stage's served
+    head.
 
     Args:
         images: uint8 (n, size, size, 3) decoded training images, in `labels`' order, or a
@@ -553,6 +577,12 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
     # One cache serves every candidate: they train the same blocks.
     blocks = candidates[0].blocks
     candidates = [candidate for candidate in candidates if candidate.blocks == blocks]
+    scored = scored_folds(candidates, len(images), views, seconds_per_row, k,
+                          config.fine_tune_budget_s, seconds_per_row * rows * CACHE_COST)
+    if scored > 1:
+        budget["estimated_s"] = round(seconds_per_row * rows * CACHE_COST + sum(
+            estimate_seconds(c, len(images), views, seconds_per_row, k, scored)
+            for c in candidates), 1)
     total = len(images)
     on_progress(Progress("fine_tuning", images_done=0, images_total=total,
                          candidate="caching activations"))
@@ -566,55 +596,40 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
         should_stop=should_stop)
     try:
         cached_s = time.perf_counter() - started
-        held = folds == 0
         y_rows = np.repeat(labels, 1 + views)
-        train_mask = np.repeat(~held, 1 + views)
         flat = cache.array.reshape(-1, *cache.array.shape[2:])
-        val, y_val = np.asarray(cache.array[held, 0]), labels[held]
-        train, y_train = flat[train_mask], y_rows[train_mask]
-
-        # The warm start on the split: the frozen head's spec refitted on fold ≠ 0 (on the rows
-        # it was chosen with: every view, or the originals only), on the features the
-        # pretrained upper blocks give from the same cached activations.
+        # The features the pretrained upper blocks give from the cached activations: what the
+        # warm starts on the splits are refitted on.
         shared = _shared_upper(backbone, blocks, cache.array.shape[2:])
         features = _features(shared, flat, config.extract_batch_size, should_stop)
         features = features.reshape(len(labels), 1 + views, -1)
-        num_classes = len(label_names)
-        spec, chosen = frozen.spec, frozen.selection.result
-        rows = training_rows(chosen.candidate, features[~held], labels[~held])
-        warm = fitting.fit_head(spec, fitting.Fold(*rows), num_classes, config,
-                                epochs=chosen.best_epochs[0], build=True,
-                                should_stop=should_stop).model
+        tried = [_Tried(candidate, np.zeros((len(labels), len(label_names))))
+                 for candidate in candidates]
+        for fold in range(scored):
+            _score_fold(fold, scored, tried, folds, features, labels, flat, y_rows,
+                        np.asarray(cache.array[folds == fold, 0]), frozen, backbone, config,
+                        on_progress, should_stop)
+        held = folds < scored
+        y_val = labels[held]
         frozen_losses = _image_losses(frozen.selection.result.out_of_fold[held], y_val)
         frozen_loss = float(frozen_losses.mean())
-
-        tried = []
-        for index, candidate in enumerate(candidates):
-            label = f"{index + 1}/{len(candidates)}"
-            fit = _fit_candidate(candidate, train, y_train, val, y_val, warm, backbone, config,
-                                 label, on_progress, should_stop)
-            probabilities = _probabilities(fit, val, config.extract_batch_size)
-            losses = _image_losses(probabilities, y_val)
-            tried.append((candidate, fit, probabilities, losses))
-        best = min(tried, key=lambda t: t[3].mean())
-        threshold = best[3].mean() + best[3].std(ddof=1) / np.sqrt(len(best[3]))
-        candidate, fit, probabilities, losses = min(
-            (t for t in tried if t[3].mean() <= threshold),
-            key=lambda t: np.mean(list(t[1].relative_shift.values())))
+        for run in tried:
+            run.losses = _image_losses(run.probabilities[held], y_val)
+        best = min(tried, key=lambda run: run.losses.mean())
+        threshold = best.losses.mean() + best.losses.std(ddof=1) / np.sqrt(len(best.losses))
+        chosen = min((run for run in tried if run.losses.mean() <= threshold),
+                     key=lambda run: run.mean_shift)
+        candidate, losses, probabilities = chosen.candidate, chosen.losses, \
+            chosen.probabilities[held]
         summary = {
-            "ran": True, "split": SPLIT, "rule": RULE, "held_out_images": int(held.sum()),
+            "ran": True, "split": split_description(scored, k), "rule": RULE,
+            "folds": scored, "held_out_images": int(held.sum()),
             "frozen_val_loss": round(frozen_loss, 4),
             "frozen_val_accuracy": round(float(
                 (frozen.selection.result.out_of_fold[held].argmax(1) == y_val).mean()), 4),
-            "tried": [{**c.model_dump(), "val_loss": round(float(ls.mean()), 4),
-                       "val_loss_se": round(float(ls.std(ddof=1) / np.sqrt(len(ls))), 4),
-                       "val_accuracy": round(float((p.argmax(1) == y_val).mean()), 4),
-                       "best_epoch": f.best_epoch, "stopped_early": f.stopped_early,
-                       "relative_shift": {n: round(v, 6) for n, v in f.relative_shift.items()},
-                       "seconds": round(f.seconds, 3)}
-                      for c, f, p, ls in tried],
-            "chosen": tried.index((candidate, fit, probabilities, losses)),
-            "history": fit.history, **budget,
+            "tried": [run.summary(y_val, held) for run in tried],
+            "chosen": tried.index(chosen),
+            "history": chosen.fits[0].history, **budget,
         }
         val_loss = float(losses.mean())
         # The frozen head is the smallest change of all (none): fine-tuning must beat it by
@@ -623,17 +638,24 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
         gain, gain_se = float(gains.mean()), float(gains.std(ddof=1) / np.sqrt(len(gains)))
         summary.update(val_loss=round(val_loss, 4), improvement=round(gain, 4),
                        improvement_se=round(gain_se, 4), keep_rule=KEEP_RULE)
-        if fit.best_epoch == 0 or gain <= max(gain_se, LOSS_RESOLUTION):
+        held_out = f"{int(held.sum())} held-out images" + (
+            f" of {scored} folds" if scored > 1 else "")
+        if chosen.best_epoch == 0 or gain <= max(gain_se, LOSS_RESOLUTION):
             summary["seconds"] = round(time.perf_counter() - started, 3)
+            epochs = [fit.best_epoch for fit in chosen.fits]
+            why = (f"the median fold kept no epoch of fine-tuning (best epochs {epochs}: 0 is "
+                   "the warm start), so it did not improve the frozen head consistently"
+                   if chosen.best_epoch == 0 else
+                   f"that is {gain:+.4f}, not more than its standard error {gain_se:.4f}")
             return kept_frozen(
                 kept=False, **summary,
                 reason=f"the frozen head won: fine-tuning's validation loss {val_loss:.4f} "
                        f"against the frozen head's {frozen_loss:.4f} on the same "
-                       f"{int(held.sum())} held-out images is {gain:+.4f}, not more than "
-                       f"its standard error {gain_se:.4f}")
+                       f"{held_out}; {why}")
 
-        # The refit on every image, for the chosen run's best epoch count.
-        refit_option = candidate.model_copy(update={"max_epochs": fit.best_epoch})
+        # The refit on every image, for the chosen candidate's best epoch count (the median
+        # over the scored folds), warm-started from the frozen stage's served head.
+        refit_option = candidate.model_copy(update={"max_epochs": chosen.best_epoch})
         refit = _fit_candidate(refit_option, flat, y_rows, None, None, frozen.head, backbone,
                                config, "refit", on_progress, should_stop)
         train_accuracy = float((_probabilities(refit, np.asarray(cache.array[:, 0]),
@@ -654,10 +676,11 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
     summary["seconds"] = round(time.perf_counter() - started, 3)
     summary["kept"] = True
     summary["reason"] = (f"fine-tuning won: validation loss {val_loss:.4f} against the frozen "
-                         f"head's {frozen_loss:.4f} on the same {int(held.sum())} held-out "
-                         f"images ({gain:+.4f} ± {gain_se:.4f})")
-    summary["validation"] = ("the chosen run's model trained without fold 0, on fold 0's "
-                             "images; the served blocks and head are refitted on every image")
+                         f"head's {frozen_loss:.4f} on the same {held_out} "
+                         f"({gain:+.4f} ± {gain_se:.4f})")
+    summary["validation"] = ("each held-out image scored by the chosen candidate's model that "
+                             "trained without its fold; the served blocks and head are "
+                             "refitted on every image")
     summary["trust"] = ("calibration, threshold and the out-of-distribution reference are the "
                         "frozen stage's (fitted on its out-of-fold scores and features)")
     counts = {name: int((y_val == i).sum()) for i, name in enumerate(label_names)}
@@ -667,7 +690,8 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
         "d": d, "d_over_m": round(d / m, 4),
         "diagnosis": [*report["diagnosis"], *fine_tuning_notes(
             d_head, d_blocks, m, l2_sp=candidate.l2_sp, learning_rate=candidate.learning_rate,
-            relative_shift=shift, best_epoch=fit.best_epoch, max_epochs=candidate.max_epochs)],
+            relative_shift=shift, best_epoch=chosen.best_epoch,
+            max_epochs=candidate.max_epochs)],
         "m": {**report["m"], "validation": int(held.sum()),
               "per_label": {name: {**report["m"]["per_label"][name], "validation": count}
                             for name, count in counts.items()}},
@@ -680,7 +704,7 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
     }
     # NB: the frozen stage's trust data (temperature, threshold, OOD reference), fitted on its
     # out-of-fold scores and features: there are no out-of-fold fine-tuned scores to refit it on.
-    return TrainingResult(spec, head, fine_report, frozen.selection, trust=frozen.trust,
+    return TrainingResult(frozen.spec, head, fine_report, frozen.selection, trust=frozen.trust,
                           stage="fine_tuned", upper=upper.weights(), fine_tuned=fine_tuned)
 
 
@@ -694,6 +718,62 @@ def _features(upper: UpperBlocks, activations: np.ndarray, batch_size: int,
         out[start:start + batch_size] = upper.predict_features(
             np.asarray(activations[start:start + batch_size], np.float16))
     return out
+
+
+@dataclass
+class _Tried:
+    """One candidate across the scored folds: its fold runs and their out-of-fold scores."""
+
+    candidate: FineTuneOptions
+    probabilities: np.ndarray          # (n, num_classes), filled on the scored folds' images
+    fits: list[FineTuneResult] = field(default_factory=list)
+    losses: np.ndarray | None = None   # per scored image, once every fold is scored
+
+    @property
+    def best_epoch(self) -> int:
+        """The median over folds of the kept epoch (0: the warm start): the refit's epochs."""
+        return int(round(float(np.median([fit.best_epoch for fit in self.fits]))))
+
+    @property
+    def mean_shift(self) -> float:
+        return float(np.mean([np.mean(list(fit.relative_shift.values())) for fit in self.fits]))
+
+    def summary(self, y_val: np.ndarray, held: np.ndarray) -> dict:
+        losses = self.losses
+        return {**self.candidate.model_dump(), "val_loss": round(float(losses.mean()), 4),
+                "val_loss_se": round(float(losses.std(ddof=1) / np.sqrt(len(losses))), 4),
+                "val_accuracy": round(float(
+                    (self.probabilities[held].argmax(1) == y_val).mean()), 4),
+                "best_epoch": self.best_epoch,
+                "best_epochs": [fit.best_epoch for fit in self.fits],
+                "stopped_early": any(fit.stopped_early for fit in self.fits),
+                "relative_shift": {name: round(float(np.mean(
+                    [fit.relative_shift[name] for fit in self.fits])), 6)
+                    for name in self.fits[0].relative_shift},
+                "seconds": round(sum(fit.seconds for fit in self.fits), 3)}
+
+
+def _score_fold(fold: int, scored: int, tried: list[_Tried], folds: np.ndarray,
+                features: np.ndarray, labels: np.ndarray, flat: np.ndarray, y_rows: np.ndarray,
+                val: np.ndarray, frozen, backbone: Backbone, config, on_progress,
+                should_stop) -> None:
+    """Trains every candidate without `fold` and scores its images (`val`, their cached
+    originals), warm-started from the frozen head's spec refitted on the same images (on the
+    rows it was chosen with: every view, or the originals only)."""
+    held = folds == fold
+    chosen = frozen.selection.result
+    rows = training_rows(chosen.candidate, features[~held], labels[~held])
+    warm = fitting.fit_head(frozen.spec, fitting.Fold(*rows), tried[0].probabilities.shape[1],
+                            config, epochs=chosen.best_epochs[fold], build=True,
+                            should_stop=should_stop).model
+    train_mask = np.repeat(~held, features.shape[1])
+    train, y_train = flat[train_mask], y_rows[train_mask]
+    for index, run in enumerate(tried):
+        label = f"{index + 1}/{len(tried)}" + (f" fold {fold + 1}/{scored}" if scored > 1 else "")
+        fit = _fit_candidate(run.candidate, train, y_train, val, labels[held], warm, backbone,
+                             config, label, on_progress, should_stop)
+        run.fits.append(fit)
+        run.probabilities[held] = _probabilities(fit, val, config.extract_batch_size)
 
 
 def _fit_candidate(option, train, y_train, val, y_val, head, backbone, config, label,

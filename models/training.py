@@ -154,7 +154,7 @@ def fine_tuned_stage(run: StagedRun) -> TrainingResult | None:
                              should_stop=run.should_stop)
     if result is frozen:
         return None
-    # NB: fine-tuning is scored against the served head on the same held-out fold (paired
+    # NB: fine-tuning is scored against the served head on the same held-out images (paired
     # per-image losses); on the stages' scale its loss is the served one less that gain.
     result.val_loss = frozen.val_loss - result.report["fine_tuning"]["improvement"]
     return result

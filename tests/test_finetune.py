@@ -176,10 +176,14 @@ def test_an_explicit_fine_tuning_trains_the_blocks_and_reports_them(backbone):
     from models.progress import Progress
 
     seen: list[Progress] = []
+    # budget 0: an explicit option runs anyway, scored on one split (the first fold)
     frozen, result = _frozen_then_stage(
-        backbone, {"blocks": 1, "max_epochs": 3, "patience": 3},
+        backbone, {"blocks": 1, "max_epochs": 3, "patience": 3}, budget=0.0,
         on_progress=seen.append)
     report = result.report
+    assert report["fine_tuning"]["folds"] == 1
+    assert report["fine_tuning"]["split"].startswith("one split")
+    assert report["fine_tuning"]["held_out_images"] == int((frozen.selection.folds == 0).sum())
     assert result.stage == "fine_tuned", report["fine_tuning"]["reason"]
     assert report["fine_tuning"]["kept"] and report["fine_tuning"]["improvement"] > 0
     assert report["fine_tuning"]["val_loss"] < report["fine_tuning"]["frozen_val_loss"]
@@ -218,10 +222,20 @@ def test_auto_says_why_it_skipped(backbone):
 def test_auto_tries_the_candidates_the_budget_allows_and_cancels(backbone):
     from models.progress import Cancelled
 
-    _, result = _frozen_then_stage(backbone, "auto")
-    tried = result.report["fine_tuning"]["tried"]
-    assert len(tried) == 3 and result.report["fine_tuning"]["ran"]
+    frozen, result = _frozen_then_stage(backbone, "auto")
+    tuning = result.report["fine_tuning"]
+    tried = tuning["tried"]
+    assert len(tried) == 3 and tuning["ran"]
     assert [t["l2_sp"] for t in tried] == [0.01, 0.1, 0.01]
+    # the budget covers every fold: each candidate is cross-validated on all 16 images, each
+    # scored by the run that did not train on it, against the frozen head's out-of-fold loss
+    k = frozen.selection.k
+    assert k > 1 and tuning["folds"] == k and tuning["held_out_images"] == 16
+    assert tuning["split"].startswith(f"cross-validated on {k} of")
+    assert all(len(t["best_epochs"]) == k for t in tried)
+    frozen_loss = -np.log(np.clip(
+        frozen.selection.result.out_of_fold[np.arange(16), _toy()[1]], 1e-7, None))
+    assert tuning["frozen_val_loss"] == pytest.approx(frozen_loss.mean(), abs=1e-4)
     calls = []
 
     def stop_after_some():
