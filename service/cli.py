@@ -441,13 +441,15 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     lines = _pairs([
         ("validation accuracy", f"{report['validation']['accuracy']:.3f} "
                                 f"({m['validation']} validation images)"),
-        ("d", f"{report['d']} trainable parameters in the head"),
+        ("d", f"{report['d']} trainable parameters in the head"
+              + (" and the fine-tuned blocks" if report.get("fine_tuned") else "")),
         ("m", f"{m['train_after_augmentation']} training examples ({m['train']} images "
               f"x {views} views)"),
         ("d/m", f"{report['d_over_m']:,.2f}"),
         ("stage", report.get("stage", "augmented")
          + ("" if report.get("final", True) else " (preliminary: still refining)")),
-    ])
+    ] + ([("fine-tuning", report["fine_tuning"]["reason"])]
+         if (report.get("fine_tuning") or {}).get("reason") else []))
     return lines + ["diagnosis:"] + [f"  - {note}" for note in report.get("diagnosis", [])]
 
 

@@ -122,6 +122,12 @@ def test_json_prints_exactly_the_apis_documents(server, created):
     human = headstart("report", classifier_id, url=server.url)
     assert human.returncode == 0 and "confusion matrix" in human.stdout
     assert "validation accuracy" in human.stdout
+    # once the last stage has run, the report says why fine-tuning ran or not
+    tuning = json.loads(headstart("report", classifier_id, "--json", url=server.url).stdout)
+    if (tuning.get("fine_tuning") or {}).get("reason"):
+        shown_reason = [line for line in headstart("report", classifier_id, url=server.url)
+                        .stdout.splitlines() if line.startswith("fine-tuning ")]
+        assert shown_reason and shown_reason[0].endswith(tuning["fine_tuning"]["reason"])
 
 
 def test_predict_expands_globs_and_batches_32_to_a_request(server, created, photos):

@@ -447,8 +447,17 @@ def test_the_report_shows_health_and_calibration_and_try_it_shows_rejection(serv
     assert status == 202, answer
     classifier_id = json.loads(answer)["id"]
     wait_ready(server, classifier_id)
+    deadline = time.monotonic() + 120
+    while json.loads(call("GET", f"{server}/v1/classifiers/{classifier_id}")[1])["refining"]:
+        assert time.monotonic() < deadline, "still refining"
+        time.sleep(0.25)
     page.goto(f"{server}/#/classifiers/{classifier_id}")
 
+    # the last stage ran: the report says why the backbone stayed frozen
+    reason = json.loads(call("GET", f"{server}/v1/classifiers/{classifier_id}/report")[1])[
+        "fine_tuning"]["reason"]
+    expect(page.get_by_test_id("fine-tuning-why")).to_have_text(f"Why: {reason}.",
+                                                                timeout=WAIT_MS)
     health = page.get_by_test_id("health")
     expect(health).to_be_visible(timeout=WAIT_MS)
     duplicates = page.get_by_test_id("health-duplicates")

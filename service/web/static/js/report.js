@@ -132,7 +132,9 @@ function calibration(report) {
 function fineTuned(report) {
   const f = report.fine_tuned;
   if (f === undefined) return null;
-  if (f === null) return section("Fine-tuning", h("p", {}, "Not fine-tuned: the backbone stayed frozen."));
+  const why = report.fine_tuning?.reason;
+  if (f === null) return section("Fine-tuning", h("p", {}, "Not fine-tuned: the backbone stayed frozen."),
+    why ? h("p", {class: "muted small", "data-testid": "fine-tuning-why"}, `Why: ${why}.`) : null);
   return section("Fine-tuning",
     facts([["Blocks trained", plain(f.blocks)], ["L2-SP α", plain(f.l2_sp)]]),
     f.relative_shift ? table("How far each trained layer moved from its ImageNet weights (‖w − w⁰‖ / ‖w⁰‖)",
