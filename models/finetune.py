@@ -452,6 +452,13 @@ EPOCH_COST = {1: 0.5, 2: 2.5}
 CACHE_COST = 1.0
 #: A frozen head whose out-of-fold loss is below this (and accuracy 1) leaves no room.
 NO_ROOM_LOSS = 0.02
+KEEP_RULE = ("kept only if the frozen head's loss minus fine-tuning's, per held-out image, "
+             "averages more than its standard error (and 0.001): the frozen head is the "
+             "smaller hypothesis")
+RULE = ("the smallest change (mean relative shift of the trained layers) whose validation loss "
+        "is within one standard error (over the held-out images) of the lowest")
+
+
 def split_description(scored: int, k: int) -> str:
     """How the candidates were scored: on `scored` of the frozen stage's `k` folds."""
     if scored == 1:
@@ -461,13 +468,6 @@ def split_description(scored: int, k: int) -> str:
     return (f"cross-validated on {scored} of the frozen stage's {k} folds: every candidate "
             "trains without each fold and scores it, against the frozen head's out-of-fold "
             "predictions for the same images")
-
-
-KEEP_RULE = ("kept only if the frozen head's loss minus fine-tuning's, per held-out image, "
-             "averages more than its standard error (and 0.001): the frozen head is the "
-             "smaller hypothesis")
-RULE = ("the smallest change (mean relative shift of the trained layers) whose validation loss "
-        "is within one standard error (over the held-out images) of the lowest")
 
 
 def estimate_seconds(option, images: int, views: int, seconds_per_row: float, folds: int,

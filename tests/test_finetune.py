@@ -244,3 +244,17 @@ def test_auto_tries_the_candidates_the_budget_allows_and_cancels(backbone):
 
     with pytest.raises(Cancelled):
         _frozen_then_stage(backbone, {"max_epochs": 2}, should_stop=stop_after_some)
+
+
+def test_the_budget_buys_folds_after_the_first_one():
+    from models.finetune import estimate_seconds, scored_folds
+    from models.options import FineTuneOptions
+
+    option = FineTuneOptions(max_epochs=2)
+    one, two = (estimate_seconds(option, 100, 0, 1.0, 5, scored) for scored in (1, 2))
+    assert two > one  # each scored fold adds a fit on four fifths of the rows
+    assert scored_folds([option], 100, 0, 1.0, 5, budget_s=0.0, spent_s=10.0) == 1
+    assert scored_folds([option], 100, 0, 1.0, 5, budget_s=10.0 + two, spent_s=10.0) == 2
+    assert scored_folds([option, option], 100, 0, 1.0, 5, budget_s=10.0 + two,
+                        spent_s=10.0) == 1  # two candidates cost twice as much per fold
+    assert scored_folds([option], 100, 0, 1.0, 5, budget_s=1e9, spent_s=10.0) == 5
