@@ -4,8 +4,9 @@ on the features `bench.quality --cache-dir` caches.
 For each dataset: every default candidate cross-validated once (`models.selection`), each
 refitted on every training image and counted on the test images; which candidate the rule
 chooses and which the alternatives would (the one-standard-error rule over every candidate with
-the stronger L2 preferred, as before issue 12; the augmented candidates only; the probe
-preferred unless the augmented head beats it by one paired standard error); the chosen
+the stronger L2 preferred, as before issue 12; the augmented candidates only; the rule without
+its last step, the probe check, and that check on fold losses instead of per-image ones); the
+chosen
 candidate's k fold models averaged instead of refitted; its refit with L2 × (k−1)/k (the same
 penalty per summed loss); with `--flip`, test-time averaging with the mirrored test image (a
 second backbone pass per image); and the pipeline against the probe of `bench.probe`, paired on
@@ -48,9 +49,9 @@ def old_rule(candidates, feature_dim: int, num_classes: int) -> int:
     return min(within, key=lambda i: candidates[i].spec.size_key(feature_dim, num_classes))
 
 
-def probe_preferred(candidates, points: list[int]) -> int:
-    """Of the path points, the probe (originals only) unless the best augmented linear point
-    beats it by more than one paired standard error of the fold losses' difference."""
+def probe_on_folds(candidates, points: list[int]) -> int:
+    """The probe check on the k fold losses instead of the per-image ones: the probe unless the
+    augmented linear point beats it by more than one paired standard error over folds."""
     linear = [i for i in points if not candidates[i].spec.hidden_units]
     probe = next(i for i in linear if candidates[i].trained_on == "original")
     augmented = next(i for i in linear if candidates[i].trained_on == "augmented")
@@ -69,7 +70,8 @@ def study(name: str, split, backbone, args) -> None:
     from models.logistic import Standardizer, fit_logistic
     from models.options import TrainingConfig
     from models.preprocessing import load_image
-    from models.selection import choose, cross_validate, lowest_along_paths, training_rows
+    from models.selection import (between_paths, choose, cross_validate, lowest_along_paths,
+                                  rows_comparison, training_rows)
     from models.splits import fold_count, stratified_folds
 
     config = TrainingConfig()
@@ -101,13 +103,18 @@ def study(name: str, split, backbone, args) -> None:
     chosen = choose(candidates, dim, classes)
     augmented = [i for i, c in enumerate(candidates) if c.trained_on == "augmented"]
     rules = {
-        "the rule (lowest along each path, one SE between paths)": chosen,
+        "the rule (lowest along each path, one SE between paths, the probe check)": chosen,
+        "without the probe check": between_paths(candidates, dim, classes),
+        "the probe check on fold losses": probe_on_folds(candidates, points),
         "the rule, augmented candidates only":
             augmented[choose([candidates[i] for i in augmented], dim, classes)],
         "before issue 12 (one SE over augmented candidates, stronger L2 first)":
             augmented[old_rule([candidates[i] for i in augmented], dim, classes)],
-        "the probe unless beaten by one paired SE": probe_preferred(candidates, points),
     }
+    comparison = rows_comparison(candidates, between_paths(candidates, dim, classes))
+    if comparison:
+        print(f"  probe check: views gain {comparison.gain:+.4f} per image (SE "
+              f"{comparison.gain_se:.4f}): {'earned' if comparison.earned else 'not earned'}")
     print(f"  path points {points}")
     for rule, index in rules.items():
         print(f"  {rule}: candidate {index}, test {correct[index]}/{len(truth)}")

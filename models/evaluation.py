@@ -57,7 +57,10 @@ def cross_entropy(probabilities: np.ndarray, labels: np.ndarray) -> float:
     Args:
         probabilities: float (n, num_classes); labels: int (n,).
     """
-    if not len(labels):
-        return 0.0
-    picked = probabilities[np.arange(len(labels)), labels]
-    return float(-np.log(np.clip(picked, 1e-7, 1.0)).mean())
+    return float(image_losses(probabilities, labels).mean()) if len(labels) else 0.0
+
+
+def image_losses(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """float64 (n,) −log p(true label) per row, clipped at 1e-7 as `cross_entropy`."""
+    picked = np.asarray(probabilities, np.float64)[np.arange(len(labels)), labels]
+    return -np.log(np.clip(picked, 1e-7, 1.0))

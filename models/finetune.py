@@ -32,7 +32,7 @@ from models import fitting
 from models.augmentation import Augmentation, augment, augment_each, view_rng
 from models.backbone import Backbone, pool_features
 from models.diagnosis import fine_tuning_notes
-from models.evaluation import evaluate
+from models.evaluation import evaluate, image_losses
 from models.options import FineTuneOptions
 from models.progress import Cancelled, Progress  # NB: Cancelled: the one the job code catches
 from models.results import TrainingResult
@@ -611,10 +611,10 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
                         on_progress, should_stop)
         held = folds < scored
         y_val = labels[held]
-        frozen_losses = _image_losses(frozen.selection.result.out_of_fold[held], y_val)
+        frozen_losses = frozen.selection.result.image_losses[held]
         frozen_loss = float(frozen_losses.mean())
         for run in tried:
-            run.losses = _image_losses(run.probabilities[held], y_val)
+            run.losses = image_losses(run.probabilities[held], y_val)
         best = min(tried, key=lambda run: run.losses.mean())
         threshold = best.losses.mean() + best.losses.std(ddof=1) / np.sqrt(len(best.losses))
         chosen = min((run for run in tried if run.losses.mean() <= threshold),
@@ -792,11 +792,6 @@ def _fit_candidate(option, train, y_train, val, y_val, head, backbone, config, l
                                     max_epochs=option.max_epochs, patience=option.patience,
                                     seed=config.seed),
                      on_epoch=on_epoch, should_stop=should_stop)
-
-
-def _image_losses(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """float64 (n,) −log p(true label), clipped at 1e-7 as `evaluation.cross_entropy`."""
-    return -np.log(np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, None))
 
 
 def _probabilities(fit: FineTuneResult, activations: np.ndarray, batch_size: int) -> np.ndarray:

@@ -238,10 +238,14 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
 
 def stage_summary(result: TrainingResult, elapsed_s: float, served: bool) -> dict:
     """What the classifier shows of one stage: {"stage", "val_loss", "val_accuracy", "d",
-    "head", "elapsed_s" (since training started), "served" (it replaced the served head)}."""
+    "head", "elapsed_s" (since training started), "served" (it replaced the served head)},
+    and "augmentation" where its selection compared augmented views with the originals
+    (`selection.RowsComparison.report`: why the preview's probe may stay served)."""
+    augmentation = result.report.get("selection", {}).get("augmentation")
     return {"stage": result.stage, "val_loss": round(result.val_loss, 4),
             "val_accuracy": result.report["validation"]["accuracy"], "d": result.report["d"],
-            "head": result.spec.as_dict(), "elapsed_s": round(elapsed_s, 3), "served": served}
+            "head": result.spec.as_dict(), "elapsed_s": round(elapsed_s, 3), "served": served,
+            **({"augmentation": augmentation} if augmentation else {})}
 
 
 def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Sequence[str],

@@ -33,6 +33,7 @@ from models.selection import (
     lowest_along_paths,
     mean_history,
     one_standard_error,
+    rows_comparison,
     training_rows,
 )
 from models.splits import fold_count, stratified_folds, stratified_split
@@ -148,14 +149,17 @@ def test_a_solved_linear_head_scores_raw_features_like_the_solution():
 # ---------------------------------------------------------------- cross-validation and the rule
 
 
-def candidate(l2: float, hidden: int, losses, accuracies=None,
-              trained_on: str = "augmented") -> CandidateResult:
+def candidate(l2: float, hidden: int, losses, accuracies=None, trained_on: str = "augmented",
+              image_losses=None) -> CandidateResult:
+    """A cross-validated candidate; its per-image losses default to each fold's loss for the
+    four images of that fold."""
     losses = np.array(losses, float)
+    per_image = np.repeat(losses, 4) if image_losses is None else np.array(image_losses, float)
     return CandidateResult(HeadOptions(hidden_units=hidden, dropout=0.0, l2=l2),
                            HeadOptions(hidden_units=hidden, l2=l2).parameters(10, 2), losses,
                            np.array(accuracies if accuracies else [0.9] * len(losses)),
                            [1] * len(losses), [False] * len(losses), [[]] * len(losses),
-                           np.zeros((4, 2)), trained_on=trained_on)
+                           np.zeros((len(per_image), 2)), per_image, trained_on=trained_on)
 
 
 def test_one_standard_error_prefers_the_smallest_head_within_one_se_of_the_best():
@@ -211,6 +215,39 @@ def test_paths_of_the_same_size_go_to_the_lower_loss():
                                          original.fold_losses - 0.02}), augmented], 10, 2) == 0
 
 
+def test_augmented_views_must_beat_the_probe_by_a_paired_standard_error():
+    # Few-shot hymenoptera (bench/RESULTS.md): the augmented path point has the lower mean loss
+    # (0.399 vs 0.437), but image by image the gain (0.039) is within its standard error
+    # (0.040), so the probe trained on the originals is served.
+    probe_losses = np.tile([0.3, 0.6], 20)
+    noisy = probe_losses - np.tile([0.44, -0.36], 20)[::-1]  # mean gain 0.04, SE 0.065
+    augmented = candidate(0.3, 0, [noisy[i::5].mean() for i in range(5)], image_losses=noisy)
+    original = candidate(1.0, 0, [probe_losses[i::5].mean() for i in range(5)],
+                         trained_on="original", image_losses=probe_losses)
+    assert augmented.loss_mean < original.loss_mean
+    comparison = rows_comparison([augmented, original], 0)
+    assert comparison.original == 1 and not comparison.earned
+    assert comparison.gain == pytest.approx(original.image_losses.mean()
+                                            - augmented.image_losses.mean())
+    assert comparison.gain_se > comparison.gain > 0
+    assert choose([augmented, original], 10, 2) == 1
+    # The same mean gain with little spread between images is earned.
+    steady = probe_losses - comparison.gain
+    consistent = candidate(0.3, 0, [steady[i::5].mean() for i in range(5)], image_losses=steady)
+    assert rows_comparison([consistent, original], 0).earned
+    assert choose([consistent, original], 10, 2) == 0
+
+
+def test_the_probe_check_applies_only_to_an_augmented_winner_with_a_twin():
+    hidden = candidate(1e-3, 64, [0.10] * 5)
+    original = candidate(1.0, 0, [0.30] * 5, trained_on="original")
+    assert rows_comparison([hidden, original], 0) is None  # no probe of the same head
+    assert choose([hidden, original], 10, 2) == 0
+    assert rows_comparison([hidden, original], 1) is None  # no augmented twin of the probe
+    lone = candidate(0.3, 0, [0.2] * 5)
+    assert rows_comparison([lone], 0) is None
+
+
 def test_candidates_trained_on_originals_use_view_0_only():
     features, labels = blobs(per_label=6, views=3)
     probe = HeadCandidate(head=LINEAR, trained_on="original")
@@ -237,6 +274,8 @@ def test_when_augmented_views_mislead_the_probe_is_chosen():
     assert selection.result.accuracy_mean > 0.8
     assert max(c.accuracy_mean for c in selection.candidates[:2]) < 0.5
     probe = [c for c in selection.candidates if c.trained_on == "original"]
+    picked = probe[0].out_of_fold[np.arange(len(labels)), labels]
+    np.testing.assert_allclose(probe[0].image_losses, -np.log(np.clip(picked, 1e-7, 1)))
     for fold in range(5):  # out of fold, from a fit on the originals of the other folds
         train, held_out = folds != fold, folds == fold
         solved = fitting.fit_head(probe[0].spec, fitting.Fold(
@@ -244,8 +283,12 @@ def test_when_augmented_views_mislead_the_probe_is_chosen():
             TrainingConfig())
         np.testing.assert_allclose(probe[0].out_of_fold[held_out], solved.val_probabilities,
                                    atol=1e-6)
-    assert [c["trained_on"] for c in selection.report()["candidates"]] == \
+    report = selection.report()
+    assert [c["trained_on"] for c in report["candidates"]] == \
         ["augmented", "augmented", "original", "original"]
+    # The report says why: the augmented views raised the per-image validation loss.
+    assert report["augmentation"]["original"] == selection.chosen
+    assert report["augmentation"]["gain"] < 0 and not report["augmentation"]["earned"]
 
 
 def test_the_default_grid_chooses_by_the_rule_and_its_diagnosis_agrees():
@@ -265,11 +308,26 @@ def test_the_default_grid_chooses_by_the_rule_and_its_diagnosis_agrees():
     # big with a higher loss.
     report = selection.report()
     assert selection.chosen in report["path_best"] and len(report["path_best"]) == 3
+    # The augmented linear head and its twin on the originals are compared image by image; the
+    # report carries the comparison when a linear head won.
+    linear = next(i for i in report["path_best"]
+                  if not candidates[i].spec.hidden_units and candidates[i].trained_on == "augmented")
+    verdict = rows_comparison(candidates, linear)
+    assert candidates[verdict.original].trained_on == "original"
+    gains = candidates[verdict.original].image_losses - candidates[linear].image_losses
+    assert verdict.gain == pytest.approx(gains.mean())
+    assert verdict.earned == (gains.mean() > max(gains.std(ddof=1) / np.sqrt(30),
+                                                 LOSS_RESOLUTION))
+    if chosen.spec.hidden_units:
+        assert "augmentation" not in report
+    else:
+        assert report["augmentation"] == verdict.report()
+        assert selection.chosen == (linear if verdict.earned else verdict.original)
     for i in report["path_best"]:
         other = candidates[i]
         assert (other.loss_mean > report["threshold"] or other.d > chosen.d
                 or (other.d == chosen.d and other.loss_mean >= chosen.loss_mean)
-                or i == selection.chosen)
+                or i == selection.chosen or (i == linear and not verdict.earned))
     # The diagnosis may not call the chosen head too big: every smaller head lost.
     key = chosen.spec.size_key(48, 2)
     smaller = [c for c in candidates if c.spec.size_key(48, 2) < key]

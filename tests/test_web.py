@@ -123,6 +123,15 @@ def wait_ready(base: str, classifier_id: str, key: str | None = None) -> None:
         time.sleep(0.25)
 
 
+def wait_refined(base: str, classifier_id: str) -> None:
+    """Until the classifier is ready and its last stage has run."""
+    wait_ready(base, classifier_id)
+    deadline = time.monotonic() + 120
+    while json.loads(call("GET", f"{base}/v1/classifiers/{classifier_id}")[1])["refining"]:
+        assert time.monotonic() < deadline, "still refining"
+        time.sleep(0.25)
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, browser):
     """An open server, and one that asks for API keys."""
@@ -317,6 +326,33 @@ def test_a_ready_classifier_that_still_refines_says_so_and_predicts(server, page
     assert call("GET", f"{server}/v1/classifiers/{classifier_id}")[0] == 404
 
 
+def test_the_report_says_whether_augmented_views_earned_their_place(server, page):
+    """head "auto": the candidates table, and the paired comparison of the augmented linear
+    head with the one trained on the originals only, in words."""
+    from playwright.sync_api import expect
+
+    options = {"augmentation": {"views": 1}, "max_epochs": 10, "patience": 2,
+               "fine_tune": "off"}
+    classifier_id = create(server, per_label=6, options=options)
+    wait_refined(server, classifier_id)
+    report = json.loads(call("GET", f"{server}/v1/classifiers/{classifier_id}/report")[1])
+    page.goto(f"{server}/#/classifiers/{classifier_id}")
+    expect(page.get_by_test_id("classifier-status")).to_have_text("ready", timeout=WAIT_MS)
+    # Toy colours are linearly separable: a linear head wins, so the augmented stage compared
+    # it with the probe; where the views did not earn their place, the preview's probe (the
+    # same head) stays served.
+    augmented = next(s for s in report["stages"] if s["stage"] == "augmented")
+    verdict = augmented["augmentation"]
+    assert augmented["served"] == verdict["earned"] == (report["stage"] == "augmented")
+    if verdict["earned"]:
+        assert report["selection"]["augmentation"] == verdict
+    text = page.get_by_test_id("augmentation-verdict")
+    expect(text).to_contain_text("against the same head trained on the original images only",
+                                 timeout=WAIT_MS)
+    expect(text).to_contain_text("the head trained on them is served" if verdict["earned"] else
+                                 "the head trained on the originals (the linear probe) is served")
+
+
 def tab_to(page, test_id: str, presses: int = 60) -> None:
     """Presses Tab until the element with this test id has the focus."""
     for _ in range(presses):
@@ -446,11 +482,7 @@ def test_the_report_shows_health_and_calibration_and_try_it_shows_rejection(serv
     status, answer = call("POST", server + "/v1/classifiers", body, content_type)
     assert status == 202, answer
     classifier_id = json.loads(answer)["id"]
-    wait_ready(server, classifier_id)
-    deadline = time.monotonic() + 120
-    while json.loads(call("GET", f"{server}/v1/classifiers/{classifier_id}")[1])["refining"]:
-        assert time.monotonic() < deadline, "still refining"
-        time.sleep(0.25)
+    wait_refined(server, classifier_id)
     page.goto(f"{server}/#/classifiers/{classifier_id}")
 
     # the last stage ran: the report says why the backbone stayed frozen

@@ -340,6 +340,12 @@ class StageOut(BaseModel):
     elapsed_s: float = Field(description="Seconds from the start of training to the head")
     served: bool = Field(description="Whether it replaced the served head (its loss was lower "
                                      "than every earlier stage's)")
+    augmentation: dict | None = Field(
+        None, description="Where the stage's selection compared its linear head trained on "
+                          "augmented views with the same head on the originals only: "
+                          "{augmented, original (candidate indices), gain (mean per-image "
+                          "out-of-fold loss of the original less the augmented), gain_se, "
+                          "earned (gain > gain_se: the views are served), rule}")
 
 
 class CalibrationOut(BaseModel):

@@ -169,16 +169,26 @@ function details(report) {
       report.stages.map((s) => [stageName(s.stage), loss(s.val_loss), percent(s.val_accuracy),
         `${number(s.elapsed_s, 1)} s`, s.stage === report.stage ? "✓ now" : (s.served ? "until replaced" : "")])) : null,
     report.selection?.candidates?.length ? table(
-      `Heads cross-validated (${report.selection.k} folds; the lowest loss along each L2 path, then the smallest within one standard error of the best is served, refitted on every image)`,
+      `Heads cross-validated (${report.selection.k} folds; the lowest loss along each L2 path, then the smallest within one standard error of the best, trained on augmented views only where they beat the originals alone by more than a paired standard error; refitted on every image)`,
       [["Head"], ["Trained on"], ["d", "num"], ["Validation loss (mean ± SE)", "num"], ["Validation accuracy (mean)", "num"], ["Best epoch", "num"], ["Chosen"]],
       report.selection.candidates.map((c, i) => [c.head.hidden_units ? `${c.head.hidden_units} hidden, L2 ${c.head.l2}` : `linear, L2 ${c.head.l2}`,
         c.trained_on === "original" ? "originals only" : "augmented views", number(c.d), `${loss(c.val_loss_mean)} ± ${loss(c.val_loss_se)}`, percent(c.val_accuracy_mean), number(c.best_epoch),
         i === report.selection.chosen ? "✓" : ""])) : null,
+    augmentationVerdict(report.selection?.augmentation
+      ?? report.stages?.find((s) => s.augmentation)?.augmentation),
     report.candidates?.length ? table("Head candidates tried (the lowest validation loss is served)",
       [["Head"], ["d", "num"], ["Best validation loss", "num"], ["Best epoch", "num"], ["Epochs", "num"]],
       report.candidates.map((c) => [c.head ? (c.head.hidden_units ? `${c.head.hidden_units} hidden, L2 ${c.head.l2}` : `linear, L2 ${c.head.l2}`) : "—",
         number(c.d), loss(c.best_val_loss), number(c.best_epoch), number(c.epochs)])) : null,
     h("details", {}, h("summary", {}, "Options used"), h("pre", {class: "json"}, JSON.stringify(report.options, null, 2))));
+}
+
+function augmentationVerdict(a) {
+  if (!a) return null;
+  const gain = `${a.gain >= 0 ? "lowered" : "raised"} the validation loss per image by ${loss(Math.abs(a.gain))} (standard error ${loss(a.gain_se)})`;
+  return h("p", {class: "muted small", "data-testid": "augmentation-verdict"}, a.earned
+    ? `Augmented views ${gain} against the same head trained on the original images only, so the head trained on them is served.`
+    : `Augmented views ${gain} against the same head trained on the original images only: not more than a standard error, so the head trained on the originals (the linear probe) is served.`);
 }
 
 function exportControls(report, base) {
