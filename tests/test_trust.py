@@ -68,10 +68,20 @@ def test_fit_temperature_recovers_a_known_overconfidence():
     assert calibration.fit_temperature(true_logits / 2, labels) == pytest.approx(0.5, rel=0.1)
 
 
-def test_fit_temperature_stays_in_bounds_when_validation_is_all_correct():
+def test_the_prior_keeps_the_temperature_moderate_when_validation_is_all_correct():
     logits = np.array([[3.0, 0.0], [0.0, 2.0], [4.0, 1.0]])
-    temperature = calibration.fit_temperature(logits, np.array([0, 1, 0]))
-    assert temperature == pytest.approx(calibration.TEMPERATURE_BOUNDS[0], rel=0.01)
+    labels = np.array([0, 1, 0])
+    # The likelihood alone runs to the lower bound: every score towards 1.0.
+    plain = calibration.fit_temperature(logits, labels, prior_sd=None)
+    assert plain == pytest.approx(calibration.TEMPERATURE_BOUNDS[0], rel=0.01)
+    # The prior on log T stops three images from moving it far ...
+    few = calibration.fit_temperature(logits, labels)
+    assert 0.5 < few < 1.0
+    # ... and thirty such images move it further, without reaching the bound.
+    many = calibration.fit_temperature(np.tile(logits, (10, 1)), np.tile(labels, 10))
+    assert calibration.TEMPERATURE_BOUNDS[0] * 2 < many < few
+    top = calibration.softmax(logits, few).max(axis=1)
+    assert top.max() < 0.999
     assert calibration.fit_temperature(np.zeros((0, 2)), np.zeros(0, int)) == 1.0
 
 
