@@ -151,6 +151,8 @@ class Selection:
     num_classes: int
     seconds: float = 0.0
     notes: dict = field(default_factory=dict)
+    #: The probe check that decided between the augmented head and the probe, if one did.
+    augmentation: RowsComparison | None = None
 
     @property
     def result(self) -> CandidateResult:
@@ -179,16 +181,13 @@ class Selection:
     def report(self) -> dict:
         """The report's `selection` entry (JSON-ready)."""
         paths = self.path_best
-        comparison = rows_comparison(self.candidates, between_paths(self.candidates,
-                                                                   self.feature_dim,
-                                                                   self.num_classes))
         return {
             "method": METHOD, "k": self.k, "rule": self.rule,
             "metric": "validation loss (cross-entropy), mean over folds",
             "threshold": round(_threshold([self.candidates[i] for i in paths]), 4),
             "best": self.best, "chosen": self.chosen, "path_best": paths,
             "candidates": [c.summary() for c in self.candidates],
-            **({"augmentation": comparison.report()} if comparison else {}),
+            **({"augmentation": self.augmentation.report()} if self.augmentation else {}),
             **self.notes,
         }
 
@@ -205,9 +204,15 @@ def choose(candidates: Sequence[CandidateResult], feature_dim: int, num_classes:
     Returns:
         An index into `candidates`.
     """
-    chosen = between_paths(candidates, feature_dim, num_classes)
-    comparison = rows_comparison(candidates, chosen)
-    return comparison.original if comparison and not comparison.earned else chosen
+    return decide(candidates, feature_dim, num_classes)[0]
+
+
+def decide(candidates: Sequence[CandidateResult], feature_dim: int,
+           num_classes: int) -> tuple[int, RowsComparison | None]:
+    """`choose`, with the probe check that decided (None where none applied)."""
+    winner = between_paths(candidates, feature_dim, num_classes)
+    comparison = rows_comparison(candidates, winner)
+    return (comparison.original if comparison and not comparison.earned else winner), comparison
 
 
 def between_paths(candidates: Sequence[CandidateResult], feature_dim: int,
@@ -415,11 +420,11 @@ def cross_validate(specs: Sequence[HeadCandidate | HeadOptions], features: np.nd
                         trained_on=c.trained_on)
         for i, c in enumerate(candidates)]
     if len(results) == 1:
-        chosen, rule = 0, FIXED
+        (chosen, comparison), rule = (0, None), FIXED
     else:
-        chosen, rule = choose(results, feature_dim, num_classes), ONE_STANDARD_ERROR
+        (chosen, comparison), rule = decide(results, feature_dim, num_classes), ONE_STANDARD_ERROR
     return Selection(folds, k, results, chosen, rule, feature_dim, num_classes,
-                     seconds=time.perf_counter() - started)
+                     seconds=time.perf_counter() - started, augmentation=comparison)
 
 
 def mean_history(histories: Sequence[Sequence[dict]]) -> list[dict]:
