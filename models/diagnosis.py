@@ -6,7 +6,7 @@ from __future__ import annotations
 
 def diagnose(d: int, m: int, train_accuracy: float, val_accuracy: float, validation_size: int,
              num_classes: int, *, candidates: int = 1, smaller_rejected: int = 0,
-             trained_on: str = "augmented") -> list[str]:
+             views_rejected: bool = False) -> list[str]:
     """Advice on the chosen head, one sentence group per finding.
 
     Args:
@@ -21,9 +21,10 @@ def diagnose(d: int, m: int, train_accuracy: float, val_accuracy: float, validat
             the head is not "too big", and when the chosen head is the smallest tried there is
             no smaller one to suggest: either way advising a smaller head would contradict the
             selection.
-        trained_on: the chosen head's rows. "original": cross-validation preferred the head
-            trained on the originals only to the ones trained on augmented views, so advising
-            more augmentation would contradict it too.
+        views_rejected: cross-validation compared heads trained on augmented views with the
+            same heads on the originals only and served the latter (the probe check), so
+            advising more augmentation would contradict it too. False where no views were
+            tried (the preview stage, `augmentation.views` 0): more views stay worth trying.
 
     Returns:
         Notes in words; at least one.
@@ -33,7 +34,7 @@ def diagnose(d: int, m: int, train_accuracy: float, val_accuracy: float, validat
     smallest_tried = not fixed_head and not smaller_rejected
     smaller = ('a smaller head (head "auto" cross-validates linear heads over five orders of '
                "magnitude of L2)") if fixed_head else None
-    augmenting = trained_on != "original"
+    augmenting = not views_rejected
     more = ("More images per label or more augmented views (augmentation.views) would help "
             "most." if augmenting else
             "More images per label would help most (on cross-validation the augmented views "

@@ -159,6 +159,13 @@ class Selection:
         return self.candidates[self.chosen]
 
     @property
+    def views_rejected(self) -> bool:
+        """Whether the probe check compared augmented views with the originals and the views
+        did not earn their place (not the same as "the originals are served": the preview
+        tries no views at all)."""
+        return self.augmentation is not None and not self.augmentation.earned
+
+    @property
     def best(self) -> int:
         """Index of the lowest mean validation loss."""
         return int(np.argmin([c.loss_mean for c in self.candidates]))

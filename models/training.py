@@ -337,7 +337,7 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
         "diagnosis": diagnose(d, m, training["accuracy"], validation["accuracy"], len(labels),
                               num_classes, candidates=len(selection.candidates),
                               smaller_rejected=selection.smaller_rejected,
-                              trained_on=chosen.trained_on),
+                              views_rejected=selection.views_rejected),
         "head": chosen.spec.as_dict(),
         "selection": selection_report,
         "history": mean_history(chosen.histories),

@@ -289,6 +289,10 @@ def test_when_augmented_views_mislead_the_probe_is_chosen():
     # The report says why: the augmented views raised the per-image validation loss.
     assert report["augmentation"]["original"] == selection.chosen
     assert report["augmentation"]["gain"] < 0 and not report["augmentation"]["earned"]
+    assert selection.views_rejected
+    # A selection among probes alone (the preview) compared no views: none were rejected.
+    assert not cross_validate(specs[2:], features, labels, folds, 2,
+                              TrainingConfig()).views_rejected
 
 
 def test_the_default_grid_chooses_by_the_rule_and_its_diagnosis_agrees():
@@ -434,9 +438,17 @@ def test_diagnosis_does_not_call_the_chosen_head_too_big_when_smaller_ones_lost(
 def test_diagnosis_of_a_probe_does_not_advise_more_augmentation():
     notes = " ".join(diagnose(d=4098, m=245, train_accuracy=1.0, val_accuracy=0.8,
                               validation_size=245, num_classes=2, candidates=23,
-                              smaller_rejected=3, trained_on="original"))
+                              smaller_rejected=3, views_rejected=True))
     assert "augmentation" not in notes and "original images only" in notes
     assert "overfits" in notes and "smaller head" not in notes
+
+
+def test_diagnosis_of_a_head_that_saw_no_views_still_advises_them():
+    # The preview (and augmentation.views 0) trains on the originals without comparing views.
+    notes = " ".join(diagnose(d=4098, m=245, train_accuracy=1.0, val_accuracy=0.8,
+                              validation_size=245, num_classes=2, candidates=12,
+                              smaller_rejected=3))
+    assert "augmented views (augmentation.views)" in notes and "did not beat" not in notes
 
 
 def test_diagnosis_suggests_a_smaller_head_only_for_a_fixed_head():
