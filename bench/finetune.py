@@ -169,7 +169,7 @@ def serving_in_process(shared, weights: str, args: argparse.Namespace) -> str:
     import numpy as np
 
     from models.backbone import load_backbone
-    from models.finetune import UpperBlocks, pretrained_weights
+    from models.finetune import ServedBlocks, pretrained_weights
     from models.heads import HeadSpec, build_head
     from models.precision import resolve
     from models.prediction import apply_head
@@ -190,9 +190,9 @@ def serving_in_process(shared, weights: str, args: argparse.Namespace) -> str:
         head = build_head(HeadSpec(hidden_units=0, dropout=0.0, l2=1.0), backbone.feature_dim, 2)
         head.get_layer("head_standardize").adapt(rng.normal(size=(4, backbone.feature_dim)))
         heads.append(head)
-        uppers.append(UpperBlocks(1, backbone.activation_shape("block4_pool"),
-                                  {name: (k * rng.uniform(0.99, 1.01, k.shape), b)
-                                   for name, (k, b) in base.items()}, backbone.precision))
+        uppers.append(ServedBlocks(1, backbone.activation_shape("block4_pool"),
+                                   {name: (k * rng.uniform(0.99, 1.01, k.shape), b)
+                                    for name, (k, b) in base.items()}, backbone.precision))
     batcher = FeatureBatcher(backbone, **batching_options(Settings())).start()
     for head, upper in zip(heads, uppers):  # compile every path once
         batcher.features(images[0], lambda f, h=head: apply_head(h, f), upper=upper)

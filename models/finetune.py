@@ -11,13 +11,17 @@ trained block, `block3_pool` for two) is cached in float16, in memory up to a bu
 temporary memory-mapped file past it. An epoch then costs only the trained blocks' forward and
 backward passes.
 
-A fine-tuned classifier is its trained blocks plus its head. `UpperBlocks` rebuilds the trained
-blocks from stored float16 weights (no deserialised code) and maps cached activations to the
-same 2048-d feature vector the frozen backbone produces, so the head is unchanged in kind.
+A fine-tuned classifier is its trained blocks plus its head. `UpperBlocks` is the trainable
+Keras model of those blocks; `ServedBlocks` holds their stored float16 weights (no deserialised
+code) and maps cached activations to the same 2048-d feature vector the frozen backbone
+produces, so the head is unchanged in kind. Every `ServedBlocks` of one shape runs one compiled
+function that takes the weights as arguments (`served_pass`): a classifier loaded into the head
+cache is served at once, without building a Keras model or tracing a graph of its own.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import tempfile
 import time
@@ -89,7 +93,7 @@ class UpperBlocks:
         """
         self.blocks = blocks
         self.layer_names = BLOCKS[blocks][1]
-        self._compiled = None
+        self.precision = precision
         policy = keras.DTypePolicy(precision)
         inputs = keras.Input(input_shape, name="cached_activations")
         x, block4_pool = inputs, inputs if blocks == 1 else None
@@ -107,18 +111,10 @@ class UpperBlocks:
             self.model.get_layer(name).set_weights([np.asarray(kernel, np.float32),
                                                     np.asarray(bias, np.float32)])
 
-    def predict_features(self, activations: np.ndarray) -> np.ndarray:
-        """Serving: float32 (batch, 2048) features from float16 activations, compiled once."""
-        if self._compiled is None:
-            self._compiled = tf.function(
-                lambda x: self.features(x),
-                input_signature=[tf.TensorSpec((None, *self.model.input.shape[1:]), tf.float16)])
-        return self._compiled(tf.constant(activations, tf.float16)).numpy()
-
-    @property
-    def nbytes(self) -> int:
-        """Memory of the weights as stored (float16)."""
-        return self.parameters() * 2
+    def served(self) -> ServedBlocks:
+        """The blocks as they are stored and served: their current weights in float16."""
+        return ServedBlocks(self.blocks, tuple(self.model.input.shape[1:]), self.weights(),
+                            self.precision)
 
     @property
     def conv_layers(self) -> list:
@@ -134,6 +130,82 @@ class UpperBlocks:
 
     def parameters(self) -> int:
         return int(sum(np.prod(w.shape) for layer in self.conv_layers for w in layer.weights))
+
+
+class ServedBlocks:
+    """A fine-tuned classifier's trained blocks for serving: float16 weights, no Keras model.
+
+    Attributes:
+        blocks: 1 or 2 (`BLOCKS`); input_shape: the cached activations' (h, w, c).
+        precision: the dtype policy the blocks compute in (the backbone's).
+    """
+
+    def __init__(self, blocks: int, input_shape: tuple[int, int, int],
+                 weights: dict[str, tuple[np.ndarray, np.ndarray]], precision: str = "float32"):
+        """Args:
+            weights: conv layer name → (kernel HWIO, bias); rounded to float16 as stored.
+        """
+        self.blocks, self.input_shape, self.precision = blocks, tuple(input_shape), precision
+        compute = keras.DTypePolicy(precision).compute_dtype
+        # NB: held in the compute dtype (bfloat16 or float16 under a mixed policy, float32
+        # otherwise): a cast per call of 7 M weights cost more than the convolutions' batch.
+        held = [(tf.cast(np.asarray(weights[name][0], np.float16), compute),
+                 tf.cast(np.asarray(weights[name][1], np.float16), compute))
+                for name in BLOCKS[blocks][1]]
+        self._names = BLOCKS[blocks][1]
+        self._kernels = [kernel for kernel, _ in held]
+        self._biases = [bias for _, bias in held]
+
+    def predict_features(self, activations: np.ndarray) -> np.ndarray:
+        """float32 (batch, 2048) features from float16 activations (batch, h, w, c)."""
+        run = served_pass(self.blocks, self.input_shape, self.precision)
+        return run(tf.constant(activations, tf.float16), self._kernels, self._biases).numpy()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the weights as held (2 bytes a weight under a mixed policy, else 4)."""
+        return int(sum(w.shape.num_elements() * w.dtype.size
+                       for w in (*self._kernels, *self._biases)))
+
+    def weights(self, dtype=np.float16) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {name: (np.asarray(tf.cast(kernel, tf.float32), dtype),
+                       np.asarray(tf.cast(bias, tf.float32), dtype))
+                for name, kernel, bias in zip(self._names, self._kernels, self._biases)}
+
+    def parameters(self) -> int:
+        return int(sum(w.shape.num_elements() for w in (*self._kernels, *self._biases)))
+
+
+@functools.cache
+def served_pass(blocks: int, input_shape: tuple[int, int, int], precision: str):
+    """The compiled forward pass of `blocks` upper blocks with the weights as arguments:
+    traced once per (blocks, input shape, precision) and shared by every fine-tuned classifier.
+    It computes what `UpperBlocks.features` does under the same policy: inputs cast to the
+    compute dtype (the weights are held in it), conv + bias + ReLU, the two max-pools,
+    `pool_features`."""
+    compute = tf.as_dtype(keras.DTypePolicy(precision).compute_dtype)
+    names = BLOCKS[blocks][1]
+    shapes, channels = [], input_shape[-1]
+    for _ in names:
+        shapes.append(((3, 3, channels, 512), (512,)))
+        channels = 512
+
+    def pool(x):
+        return tf.nn.max_pool2d(x, 2, 2, "VALID")
+
+    def run(x, kernels, biases):
+        x = tf.cast(x, compute)
+        block4_pool = x if blocks == 1 else None
+        for name, kernel, bias in zip(names, kernels, biases):
+            x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
+            if name == "block4_conv3":
+                x = block4_pool = pool(x)
+        return pool_features(block4_pool, x, pool(x))
+
+    return tf.function(run, input_signature=[
+        tf.TensorSpec((None, *input_shape), tf.float16),
+        [tf.TensorSpec(kernel, compute) for kernel, _ in shapes],
+        [tf.TensorSpec(bias, compute) for _, bias in shapes]])
 
 
 def pretrained_weights(backbone: Backbone, blocks: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -166,13 +238,13 @@ def blocks_from_arrays(arrays) -> tuple[int, dict[str, tuple[np.ndarray, np.ndar
     raise ValueError(f"not a fine-tuned block file: layers {names}")
 
 
-def load_upper(arrays, backbone: Backbone) -> UpperBlocks | None:
+def load_upper(arrays, backbone: Backbone) -> ServedBlocks | None:
     """Serving: the trained blocks of a head file on `backbone`, or None (frozen)."""
     found = blocks_from_arrays(arrays)
     if found is None:
         return None
     blocks, weights = found
-    return UpperBlocks(blocks, backbone.activation_shape(BLOCKS[blocks][0]), weights,
+    return ServedBlocks(blocks, backbone.activation_shape(BLOCKS[blocks][0]), weights,
                        backbone.precision)
 
 
@@ -193,7 +265,7 @@ def load_blocks(data: bytes) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarra
 
 
 def mixed_pass(backbone: Backbone, images: np.ndarray,
-               uppers: Sequence[UpperBlocks | None]) -> np.ndarray:
+               uppers: Sequence[ServedBlocks | None]) -> np.ndarray:
     """One serving pass for a batch whose rows belong to frozen and fine-tuned classifiers.
 
     The frozen blocks run once for every row; rows of frozen classifiers then go through the
@@ -715,8 +787,9 @@ def _features(upper: UpperBlocks, activations: np.ndarray, batch_size: int,
     for start in range(0, len(activations), batch_size):
         if should_stop():
             raise Cancelled()
-        out[start:start + batch_size] = upper.predict_features(
-            np.asarray(activations[start:start + batch_size], np.float16))
+        # NB: the Keras model, not `served()`: w⁰ in float32, as fine-tuning starts from it.
+        out[start:start + batch_size] = upper.features(
+            tf.constant(activations[start:start + batch_size], tf.float16)).numpy()
     return out
 
 
@@ -796,7 +869,8 @@ def _fit_candidate(option, train, y_train, val, y_val, head, backbone, config, l
 
 def _probabilities(fit: FineTuneResult, activations: np.ndarray, batch_size: int) -> np.ndarray:
     """float64 (n, num_classes) of a fine-tuned run on float16 activations (n, h, w, c)."""
+    served = fit.upper.served()
     return np.concatenate([
-        np.asarray(fit.head(fit.upper.predict_features(activations[start:start + batch_size]),
+        np.asarray(fit.head(served.predict_features(activations[start:start + batch_size]),
                             training=False), np.float64)
         for start in range(0, len(activations), batch_size)])

@@ -6,8 +6,9 @@ import tensorflow as tf
 
 from models import heads
 from models.augmentation import Augmentation
-from models.finetune import (BLOCKS, FineTuneConfig, UpperBlocks, cache_activations, fine_tune,
-                             load_blocks, pretrained_weights, serialize_blocks)
+from models.finetune import (BLOCKS, FineTuneConfig, ServedBlocks, UpperBlocks, cache_activations,
+                             fine_tune, load_blocks, pretrained_weights, served_pass,
+                             serialize_blocks)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,32 @@ def test_untrained_upper_blocks_give_the_backbones_features(backbone, data, bloc
     features = upper.features(tf.constant(cache.array[:, 0])).numpy()
     # NB: the activations are cached in float16; the rest is the same float32 computation.
     np.testing.assert_allclose(features, backbone.features(images), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_served_blocks_compute_what_the_keras_blocks_do_through_one_shared_trace(backbone, data,
+                                                                                 blocks):
+    images, _ = data
+    cut = BLOCKS[blocks][0]
+    activations = backbone.activations(images[:5], cut).astype(np.float16)
+    shape = backbone.activation_shape(cut)
+    run = served_pass(blocks, shape, "float32")
+    traced = run.experimental_get_tracing_count()
+    for scale in (0.8, 1.25):  # two classifiers' blocks: different weights, one trace
+        weights = {name: (np.asarray(kernel * scale, np.float16), np.asarray(bias, np.float16))
+                   for name, (kernel, bias) in pretrained_weights(backbone, blocks).items()}
+        keras_blocks = UpperBlocks(blocks, shape, weights)
+        served = keras_blocks.served()
+        assert served.parameters() == keras_blocks.parameters()
+        assert served.nbytes == 4 * served.parameters()  # float32 policy: held in float32
+        expected = keras_blocks.features(tf.constant(activations)).numpy()
+        np.testing.assert_allclose(served.predict_features(activations), expected,
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(served.predict_features(activations[:2]), expected[:2],
+                                   rtol=1e-5, atol=1e-5)
+        for name, (kernel, bias) in served.weights(np.float32).items():
+            np.testing.assert_array_equal(kernel, weights[name][0].astype(np.float32))
+    assert run.experimental_get_tracing_count() - traced <= 1
 
 
 def test_activations_spill_to_a_memory_mapped_file_past_the_budget(backbone, data):
@@ -103,10 +130,10 @@ def test_a_mixed_serving_pass_equals_each_classifiers_own_path(backbone, data):
 
     images, _ = data
     images = images[:6]
-    one = UpperBlocks(1, backbone.activation_shape("block4_pool"),
-                      {k: (a * 1.1, b) for k, (a, b) in pretrained_weights(backbone, 1).items()})
-    two = UpperBlocks(2, backbone.activation_shape("block3_pool"),
-                      {k: (a * 0.9, b) for k, (a, b) in pretrained_weights(backbone, 2).items()})
+    one = ServedBlocks(1, backbone.activation_shape("block4_pool"),
+                       {k: (a * 1.1, b) for k, (a, b) in pretrained_weights(backbone, 1).items()})
+    two = ServedBlocks(2, backbone.activation_shape("block3_pool"),
+                       {k: (a * 0.9, b) for k, (a, b) in pretrained_weights(backbone, 2).items()})
     uppers = [None, one, two, one, None, two]
     mixed = mixed_pass(backbone, images, uppers)
     frozen = backbone.features(images)
@@ -199,7 +226,7 @@ def test_an_explicit_fine_tuning_trains_the_blocks_and_reports_them(backbone):
     assert {p.stage for p in seen} == {"fine_tuning"}
     assert any(p.epoch for p in seen) and any(p.images_done == 16 for p in seen)
     # the served blocks are the refit's: they give other features than the frozen backbone
-    upper = UpperBlocks(1, backbone.activation_shape("block4_pool"), result.upper)
+    upper = ServedBlocks(1, backbone.activation_shape("block4_pool"), result.upper)
     images = np.zeros((2, 32, 32, 3), np.uint8) + 90
     assert not np.allclose(upper.predict_features(backbone.activations(images, "block4_pool")),
                            backbone.features(images), atol=1e-3)

@@ -74,6 +74,8 @@ def test_a_fine_tuned_classifier_trains_through_the_job_and_says_so(app, client,
 
 
 def test_http_prediction_equals_the_in_process_computation(app, client, classifiers):
+    import tensorflow as tf
+
     from models import calibration
     from models.finetune import UpperBlocks
     from models.heads import HeadSpec, load_head
@@ -91,8 +93,10 @@ def test_http_prediction_equals_the_in_process_computation(app, client, classifi
             with np.load(io.BytesIO(data)) as archive:
                 weights = {layer: (archive[f"blocks.{layer}.kernel"],
                                    archive[f"blocks.{layer}.bias"]) for layer in BLOCK5}
+            # NB: the trainable Keras blocks, not the served ones: an independent computation
             upper = UpperBlocks(1, backbone.activation_shape("block4_pool"), weights)
-            features = upper.predict_features(backbone.activations(pixels, "block4_pool"))
+            features = upper.features(tf.constant(
+                backbone.activations(pixels, "block4_pool"), tf.float16)).numpy()
         else:
             features = backbone.features(pixels)
         # NB: the service's scores are calibrated: the head's logits divided by its temperature
@@ -197,5 +201,5 @@ def test_a_loaded_fine_tuned_head_counts_its_blocks(app, classifiers):
     tuned = services.heads.get(services.store.load_record(classifiers["fine_tuned"]["id"]))
     frozen = services.heads.get(services.store.load_record(classifiers["frozen"]["id"]))
     assert frozen.nbytes == 4 * (2048 * 2 + 2)
-    assert tuned.nbytes == frozen.nbytes + 4 * BLOCK5_PARAMETERS
+    assert tuned.nbytes == frozen.nbytes + 4 * BLOCK5_PARAMETERS  # float32 policy here
 

@@ -19,7 +19,7 @@ from service.storage.records import ClassifierRecord
 if TYPE_CHECKING:  # NB: no TensorFlow at import
     import keras
 
-    from models.finetune import UpperBlocks
+    from models.finetune import ServedBlocks
     from models.trust import Trust
 
 
@@ -32,12 +32,12 @@ class ServedHead:
         trust: calibration, default threshold and OOD detector; None for a head stored before
             them (temperature 1, nothing rejected unless a request sets a threshold).
         upper: a fine-tuned classifier's own blocks; None for a frozen one.
-        nbytes: the memory its weights take (float32), blocks included.
+        nbytes: the memory its weights take: the head in float32, the blocks as held.
     """
 
     head: keras.Model
     trust: Trust | None = None
-    upper: UpperBlocks | None = None
+    upper: ServedBlocks | None = None
     nbytes: int = 0
 
 
@@ -57,7 +57,7 @@ def load_served_head(record: ClassifierRecord, data: bytes, backbone) -> ServedH
                      len(record.labels), data)
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         upper = load_upper(archive, backbone)
-    nbytes = 4 * (trainable_parameters(head) + (upper.parameters() if upper else 0))
+    nbytes = 4 * trainable_parameters(head) + (upper.nbytes if upper else 0)
     return ServedHead(head, trust.from_arrays(stored_arrays(data, trust.PREFIX)), upper, nbytes)
 
 
