@@ -143,6 +143,10 @@ def run_dataset(name: str, shared, weights: str, args: argparse.Namespace) -> st
             "(4 images per label, 2 epochs at η 1e-4; the others serve frozen).")
     else:
         notes.append("- throughput of 8 fine-tuned vs 8 frozen classifiers: not measured.")
+    for run in runs[1:]:  # the report's own words on the decision (each fold's best epoch)
+        reason = (run.report.get("fine_tuning") or {}).get("reason")
+        if reason:
+            notes.append(f"- blocks {run.options['fine_tune']['blocks']}: {reason}.")
     body = table + "\n\n" + "\n".join(notes)
     print(body)
     heading = HEADING.format(dataset=split.description, size=size, views=args.views,
