@@ -501,6 +501,7 @@ def test_the_report_shows_health_and_calibration_and_try_it_shows_rejection(serv
     expect(page.get_by_test_id("health-imbalance")).to_contain_text("blue 8, red 8")
     calibration = page.get_by_test_id("calibration")
     expect(calibration).to_contain_text("Temperature")
+    expect(calibration).to_contain_text(re.compile(r"Log loss before → after\s*\d+\.\d+ → \d+\.\d+"))
     expect(calibration).to_contain_text("Default threshold")
     screenshot(page, "health.png", page.locator("[data-testid=health], [data-testid=calibration]").first)
 

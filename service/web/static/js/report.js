@@ -120,12 +120,13 @@ function calibration(report) {
   return h("section", {class: "card", "data-testid": "calibration", "aria-labelledby": "calibration-title"},
     h("h3", {id: "calibration-title"}, "Calibrated scores and rejection"),
     facts([["Temperature", number(c.temperature, 3)],
-      ["Expected calibration error before", percent(c.ece_before)],
-      ["after", percent(c.ece_after)],
+      ["Log loss before → after", c.nll_before == null ? "—" : `${number(c.nll_before, 3)} → ${number(c.nll_after, 3)}`],
+      ["Expected calibration error before → after", `${percent(c.ece_before)} → ${percent(c.ece_after)}`],
       ["Default threshold", report.threshold == null ? "—" : number(report.threshold, 3)],
       rejection.target_precision != null ? ["Chosen for precision", `${percent(rejection.target_precision)} (out of fold: ${percent(rejection.validation_precision)}, answering ${percent(rejection.validation_coverage)})`] : null,
       ["Out-of-distribution check", ood.enabled ? `${ood.method}, rejects images ${REJECTION.out_of_distribution}` : "off"]]),
-    h("p", {class: "muted small"}, "Scores are the head's logits divided by the temperature, fitted on the out-of-fold scores. ",
+    h("p", {class: "muted small"}, "Scores are the head's logits divided by the temperature, fitted on the out-of-fold scores: ",
+      `it minimises their log loss (with a prior that keeps it near 1 on few images); the calibration error, a coarser measure over ${c.images ?? "these"} images, may move either way. `,
       `A prediction ${REJECTION.below_threshold} or ${REJECTION.out_of_distribution} answers "not recognised".`));
 }
 
