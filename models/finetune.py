@@ -167,7 +167,9 @@ class ServedBlocks:
         return int(sum(w.shape.num_elements() * w.dtype.size
                        for w in (*self._kernels, *self._biases)))
 
-    def weights(self, dtype=np.float16) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def weights(self, dtype=np.float32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The weights as held: rounded to the compute dtype (bfloat16 keeps 8 bits of
+        mantissa, fewer than the stored float16; `load_blocks` reads those exactly)."""
         return {name: (np.asarray(tf.cast(kernel, tf.float32), dtype),
                        np.asarray(tf.cast(bias, tf.float32), dtype))
                 for name, kernel, bias in zip(self._names, self._kernels, self._biases)}
@@ -194,8 +196,9 @@ def served_pass(blocks: int, input_shape: tuple[int, int, int], precision: str):
         return tf.nn.max_pool2d(x, 2, 2, "VALID")
 
     def run(x, kernels, biases):
-        x = tf.cast(x, compute)
+        # NB: tapped before the cast, as the Keras model taps its float16 input
         block4_pool = x if blocks == 1 else None
+        x = tf.cast(x, compute)
         for name, kernel, bias in zip(names, kernels, biases):
             x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias))
             if name == "block4_conv3":
@@ -788,8 +791,8 @@ def _features(upper: UpperBlocks, activations: np.ndarray, batch_size: int,
         if should_stop():
             raise Cancelled()
         # NB: the Keras model, not `served()`: w⁰ in float32, as fine-tuning starts from it.
-        out[start:start + batch_size] = upper.features(
-            tf.constant(activations[start:start + batch_size], tf.float16)).numpy()
+        out[start:start + batch_size] = pool_features(*upper.model.predict_on_batch(
+            np.asarray(activations[start:start + batch_size], np.float16))).numpy()
     return out
 
 

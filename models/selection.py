@@ -428,6 +428,11 @@ def cross_validate(specs: Sequence[HeadCandidate | HeadOptions], features: np.nd
         for i, c in enumerate(candidates)]
     if len(results) == 1:
         (chosen, comparison), rule = (0, None), FIXED
+    elif features.shape[1] == 1:
+        # NB: no augmented views: a head "on augmented views" trained on the originals, the
+        # same rows as its twin, and there is nothing for the probe check to compare.
+        (chosen, comparison), rule = ((between_paths(results, feature_dim, num_classes), None),
+                                      ONE_STANDARD_ERROR)
     else:
         (chosen, comparison), rule = decide(results, feature_dim, num_classes), ONE_STANDARD_ERROR
     return Selection(folds, k, results, chosen, rule, feature_dim, num_classes,

@@ -95,7 +95,7 @@ class Settings(BaseSettings):
         2 * 1024**3, gt=0,
         description="Memory the cached heads may take per process, their fine-tuned blocks "
                     "included (held in the compute dtype: block5 about 14 MB each under a mixed "
-                    "precision, 28 MB in float32, twice that for block4 and block5; a frozen "
+                    "precision, 28 MB in float32; block4 and block5 26 MB and 52 MB; a frozen "
                     "head is tens of kB): least recently used heads are dropped past it")
     fine_tune_budget_s: float = Field(
         0.0, ge=0,

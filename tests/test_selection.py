@@ -293,6 +293,10 @@ def test_when_augmented_views_mislead_the_probe_is_chosen():
     # A selection among probes alone (the preview) compared no views: none were rejected.
     assert not cross_validate(specs[2:], features, labels, folds, 2,
                               TrainingConfig()).views_rejected
+    # Nor does one without views (augmentation.views 0): both twins train on the originals.
+    alone = cross_validate(specs, features[:, :1], labels, folds, 2, TrainingConfig())
+    assert alone.augmentation is None and not alone.views_rejected
+    assert "augmentation" not in alone.report()
 
 
 def test_the_default_grid_chooses_by_the_rule_and_its_diagnosis_agrees():

@@ -248,16 +248,22 @@ def write_export(services: Services, source: ExportSource, export_format: str,
 
     # NB: TensorFlow, on the builder thread after fork.
     from models import export as export_lib
+    from models.finetune import load_blocks
 
     record, store = source.record, services.store
     backbone = services.backbone.get(wait=True)
     report = json.loads(store.load_report(record))
-    served = load_served_head(record, store.load_head(record), backbone)
+    head_file = store.load_head(record)
+    served = load_served_head(record, head_file, backbone)
     calibration = report.get("calibration")
     # NB: the head file's temperature, not the report's (rounded): scores match the service's
     temperature = served.trust.temperature if served.trust is not None else None
-    # a fine-tuned classifier's own blocks (stored float16, exact in float32), or the shared ones
-    own_blocks = served.upper.weights(np.float32) if served.upper is not None else None
+    # a fine-tuned classifier's own blocks as stored (float16, exact in float32; the served
+    # copy is rounded to the compute dtype), or the shared ones
+    own_blocks = None
+    if served.upper is not None:
+        own_blocks = {name: tuple(np.asarray(w, np.float32) for w in pair)
+                      for name, pair in load_blocks(head_file)[1].items()}
     model = export_lib.from_keras(backbone.model, served.head, backbone.image_size,
                                   temperature=temperature, own_blocks=own_blocks)
     card = model_card(services, source, report, model, export_format, calibration)
