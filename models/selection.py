@@ -430,9 +430,11 @@ def cross_validate(specs: Sequence[HeadCandidate | HeadOptions], features: np.nd
         (chosen, comparison), rule = (0, None), FIXED
     elif features.shape[1] == 1:
         # NB: no augmented views: a head "on augmented views" trained on the originals, the
-        # same rows as its twin, and there is nothing for the probe check to compare.
-        (chosen, comparison), rule = ((between_paths(results, feature_dim, num_classes), None),
-                                      ONE_STANDARD_ERROR)
+        # same rows as its twin, so there is nothing for the probe check to compare, and the
+        # twin on the originals is what the winner really is.
+        winner = between_paths(results, feature_dim, num_classes)
+        twin = rows_comparison(results, winner)
+        (chosen, comparison), rule = (twin.original if twin else winner, None), ONE_STANDARD_ERROR
     else:
         (chosen, comparison), rule = decide(results, feature_dim, num_classes), ONE_STANDARD_ERROR
     return Selection(folds, k, results, chosen, rule, feature_dim, num_classes,

@@ -296,6 +296,7 @@ def test_when_augmented_views_mislead_the_probe_is_chosen():
     # Nor does one without views (augmentation.views 0): both twins train on the originals.
     alone = cross_validate(specs, features[:, :1], labels, folds, 2, TrainingConfig())
     assert alone.augmentation is None and not alone.views_rejected
+    assert alone.result.trained_on == "original"
     assert "augmentation" not in alone.report()
 
 
