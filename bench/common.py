@@ -389,6 +389,22 @@ def prepare(args: argparse.Namespace) -> tuple[Path, str]:
     return shared, resolve_weights(shared, args.weights)
 
 
+def splits_with_backbones(args: argparse.Namespace, shared: Path,
+                          weights: str) -> Iterator[tuple[Split, object]]:
+    """Each of `args.datasets`' splits with a backbone of its size (one per size, loaded once,
+    in the precision the service's "auto" picks here): the in-process studies' loop."""
+    from models.backbone import load_backbone
+    from models.precision import resolve
+
+    backbones = {}
+    for name in dataset_names(args.datasets):
+        split = load_split(name, shared, args.limit_per_label)
+        size = args.image_size or split.image_size
+        if size not in backbones:
+            backbones[size] = load_backbone(weights, size, precision=resolve("auto"))
+        yield split, backbones[size]
+
+
 def check_write_allowed(args: argparse.Namespace) -> None:
     """RESULTS.md holds full runs only: smoke settings must not overwrite real numbers."""
     if args.write and (args.limit_per_label is not None or args.weights == "random"):

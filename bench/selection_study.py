@@ -153,16 +153,8 @@ def study(name: str, split, backbone, args) -> None:
 def main(argv=None) -> None:
     args = parse_args(argv)
     shared, weights = common.prepare(args)
-    from models.backbone import load_backbone
-    from models.precision import resolve
-
-    backbones = {}
-    for name in common.dataset_names(args.datasets):
-        split = common.load_split(name, shared, args.limit_per_label)
-        size = args.image_size or split.image_size
-        if size not in backbones:
-            backbones[size] = load_backbone(weights, size, precision=resolve("auto"))
-        study(split.name, split, backbones[size], args)
+    for split, backbone in common.splits_with_backbones(args, shared, weights):
+        study(split.name, split, backbone, args)
 
 
 if __name__ == "__main__":
