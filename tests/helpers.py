@@ -153,8 +153,9 @@ def stop(process: subprocess.Popen) -> None:
 @contextlib.contextmanager
 def ready_app(settings):
     """The app `create_app(settings)` builds, once /readyz answers 200; on exit, waits (up to
-    120 s) until none of its classifiers is queued or training: training that outlives a test
-    module would run beside later tests (and reseed `random`)."""
+    120 s) until none of its classifiers is queued, training or refining (ready, with later
+    stages still running): training that outlives a test module would run beside later tests
+    (and reseed `random`, and allocate while they measure memory)."""
     from service.app import create_app
 
     app = create_app(settings)
@@ -165,7 +166,7 @@ def ready_app(settings):
         time.sleep(0.1)
     yield app
     deadline = time.monotonic() + 120
-    while any(c["status"] in ("queued", "training")
+    while any(c["status"] in ("queued", "training") or c.get("refining")
               for c in client.get("/v1/classifiers").json["classifiers"]):
         assert time.monotonic() < deadline, "training still running"
         time.sleep(0.1)

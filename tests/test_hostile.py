@@ -222,6 +222,12 @@ def cost(function):
             return error
         return done(result) if hasattr(result, "close") else result
 
+    # NB: tracemalloc counts every thread's allocations: a training job that an earlier test
+    # module left running (an app fixture not closed) would count as this call's.
+    deadline = time.monotonic() + 120
+    while any(thread.name.startswith("heartbeat-") for thread in threading.enumerate()):
+        assert time.monotonic() < deadline, "a training job still runs in this process"
+        time.sleep(0.1)
     started = time.perf_counter()
     outcome = run()
     elapsed = time.perf_counter() - started
