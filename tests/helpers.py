@@ -150,6 +150,17 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def delete_all_classifiers(client, headers: dict | None = None, timeout_s: float = 60) -> None:
+    """Deletes every classifier of an app (a delete stops its run within seconds) and waits
+    until the list is empty: for fixtures whose tests may leave long runs behind."""
+    deadline = time.monotonic() + timeout_s
+    while listed := client.get("/v1/classifiers?limit=1000", headers=headers).json["classifiers"]:
+        for classifier in listed:
+            client.delete(f"/v1/classifiers/{classifier['id']}", headers=headers)
+        assert time.monotonic() < deadline, f"{len(listed)} classifiers not deleted"
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def ready_app(settings):
     """The app `create_app(settings)` builds, once /readyz answers 200; on exit, waits (up to

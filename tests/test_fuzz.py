@@ -13,7 +13,7 @@ from schemathesis.checks import not_a_server_error
 
 from service.app import create_app
 from service.config import Settings
-from tests.helpers import dataset_zip
+from tests.helpers import dataset_zip, delete_all_classifiers
 
 API_KEY = "fuzz-admin-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -33,7 +33,10 @@ def app(tmp_path_factory):
     while client.get("/readyz").status_code != 200:  # the backbone is loaded before fuzzing
         assert time.monotonic() < deadline, client.get("/readyz").json
         time.sleep(0.1)
-    return app
+    yield app
+    # NB: fuzzed options may ask for long runs (fine-tuning, hundreds of epochs): none may run
+    # on beside later modules' tests.
+    delete_all_classifiers(client, AUTH)
 
 
 @pytest.fixture(scope="module")

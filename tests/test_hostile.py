@@ -9,9 +9,11 @@ import dataclasses
 import io
 import socket
 import struct
+import sys
 import tempfile
 import threading
 import time
+import traceback
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -225,8 +227,10 @@ def cost(function):
     # NB: tracemalloc counts every thread's allocations: a training job that an earlier test
     # module left running (an app fixture not closed) would count as this call's.
     deadline = time.monotonic() + 120
-    while any(thread.name.startswith("heartbeat-") for thread in threading.enumerate()):
-        assert time.monotonic() < deadline, "a training job still runs in this process"
+    while running := [t for t in threading.enumerate() if t.name.startswith("heartbeat-")]:
+        assert time.monotonic() < deadline, f"training jobs still run here: {running}\n" + \
+            "\n".join(f"{t.name}:\n{''.join(traceback.format_stack(sys._current_frames()[t.ident]))}"
+                      for t in threading.enumerate() if t.name.startswith("training-runner"))
         time.sleep(0.1)
     started = time.perf_counter()
     outcome = run()
