@@ -112,7 +112,8 @@ class UpperBlocks:
                                                     np.asarray(bias, np.float32)])
 
     def served(self) -> ServedBlocks:
-        """The blocks as they are stored and served: their current weights in float16."""
+        """The blocks as they are served: their current weights rounded to float16, as
+        stored."""
         return ServedBlocks(self.blocks, tuple(self.model.input.shape[1:]), self.weights(),
                             self.precision)
 
@@ -133,7 +134,8 @@ class UpperBlocks:
 
 
 class ServedBlocks:
-    """A fine-tuned classifier's trained blocks for serving: float16 weights, no Keras model.
+    """A fine-tuned classifier's trained blocks for serving: the stored float16 weights, held
+    in the compute dtype, and no Keras model.
 
     Attributes:
         blocks: 1 or 2 (`BLOCKS`); input_shape: the cached activations' (h, w, c).
@@ -187,6 +189,7 @@ def served_pass(blocks: int, input_shape: tuple[int, int, int], precision: str):
     `pool_features`."""
     compute = tf.as_dtype(keras.DTypePolicy(precision).compute_dtype)
     names = BLOCKS[blocks][1]
+    # NB: every trained VGG16 conv layer has 512 filters; the first takes the cut's channels.
     shapes, channels = [], input_shape[-1]
     for _ in names:
         shapes.append(((3, 3, channels, 512), (512,)))

@@ -52,11 +52,11 @@ def test_served_blocks_compute_what_the_keras_blocks_do_through_one_shared_trace
         # held in the compute dtype: 4 bytes a weight in float32, 2 in bfloat16
         assert served.nbytes == (4 if precision == "float32" else 2) * served.parameters()
         expected = keras_blocks.features(tf.constant(activations)).numpy()
-        scale = np.abs(expected).max()
+        magnitude = np.abs(expected).max()
         np.testing.assert_allclose(served.predict_features(activations), expected,
-                                   rtol=tolerance, atol=tolerance * scale)
+                                   rtol=tolerance, atol=tolerance * magnitude)
         np.testing.assert_allclose(served.predict_features(activations[:2]), expected[:2],
-                                   rtol=tolerance, atol=tolerance * scale)
+                                   rtol=tolerance, atol=tolerance * magnitude)
         if blocks == 1:  # gap(block4_pool) is the input's own mean: no rounding to bfloat16
             np.testing.assert_allclose(served.predict_features(activations)[:, :512],
                                        activations.astype(np.float32).mean(axis=(1, 2)),
