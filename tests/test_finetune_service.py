@@ -1,6 +1,7 @@
 """A fine-tuned classifier through the service: the job, the stored head file, serving in shared
 batches, the byte-bounded head cache, HTTP against in-process, and export (random weights, 32 px,
-float32: export parity is a float32 promise)."""
+float32: export parity is a float32 promise; one bfloat16 service checks that an export carries the
+stored float16 blocks, not the copy rounded to bfloat16 for serving)."""
 
 from __future__ import annotations
 
@@ -203,3 +204,52 @@ def test_a_loaded_fine_tuned_head_counts_its_blocks(app, classifiers):
     assert frozen.nbytes == 4 * (2048 * 2 + 2)
     assert tuned.nbytes == frozen.nbytes + 4 * BLOCK5_PARAMETERS  # float32 policy here
 
+
+
+# ---------------------------------------------------------------- bfloat16 serving, exact export
+
+
+@pytest.fixture(scope="module")
+def bfloat16_app(tmp_path_factory):
+    from service.app import create_app
+    from service.config import Settings
+    from tests.conftest import TEST_IMAGE_SIZE
+    from tests.test_export import wait
+
+    root = tmp_path_factory.mktemp("finetune-bf16")
+    app = create_app(Settings(store=str(root / "store"), backbone_weights="random",
+                              image_size=TEST_IMAGE_SIZE, weights_cache=root / "cache",
+                              precision="mixed_bfloat16"))
+    wait(lambda: app.test_client().get("/readyz").status_code == 200, what="the backbone")
+    return app
+
+
+def test_a_bfloat16_service_exports_the_stored_blocks_not_its_rounded_copy(bfloat16_app,
+                                                                           tmp_path):
+    import json
+
+    from models import export as export_lib
+    from models.finetune import load_blocks
+    from service.serving.heads import load_served_head
+
+    client = bfloat16_app.test_client()
+    tuned = wait_ready(client, create(client, members(), FINE_TUNED))
+    assert tuned["status"] == "ready" and tuned["fine_tuned"] is not None, tuned
+    services = bfloat16_app.extensions["headstart"]
+    record = services.store.load_record(tuned["id"])
+    head_file = services.store.load_head(record)
+    backbone = services.backbone.get()
+    served = load_served_head(record, head_file, backbone)
+    assert served.upper.precision == "mixed_bfloat16"
+
+    def fingerprint(own_blocks) -> str:
+        return export_lib.from_keras(backbone.model, served.head, backbone.image_size,
+                                     own_blocks=own_blocks).weights_fingerprint()
+
+    stored = {name: tuple(np.asarray(w, np.float32) for w in pair)
+              for name, pair in load_blocks(head_file)[1].items()}
+    rounded = served.upper.weights()  # what the bfloat16 service computes with
+    assert fingerprint(rounded) != fingerprint(stored)
+    card = json.loads(fetch_export(client, tuned["id"], "savedmodel").read("model-card.json"))
+    assert card["weights_fingerprint"] == fingerprint(stored)
+    assert card["fine_tuned"]["blocks"] == 1
