@@ -15,8 +15,10 @@ or rise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 
@@ -31,7 +33,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--l2-sp", default="0.01,100", help="comma-separated α values")
     parser.add_argument("--learning-rate", type=float, default=1e-5, help="Adam's η")
     parser.add_argument("--epochs", default="1,2,4,8", help="comma-separated epoch counts")
+    parser.add_argument("--activation-shift", type=int, default=0, metavar="CELLS",
+                        help="augment while fine-tuning: flip each training row's cached "
+                             "activations left-right with probability 1/2 and shift them by up "
+                             "to CELLS cells (reflected at the border); 0: off (the product)")
     return parser.parse_args(argv)
+
+
+def augmented_features(shift: int):
+    """`UpperBlocks.features` that flips and shifts its input when training: an augmentation of
+    the cached activations, which fine-tuning's views cannot add without more backbone passes."""
+    import tensorflow as tf
+
+    from models.finetune import UpperBlocks
+
+    plain = UpperBlocks.features
+
+    def augment(x):
+        flipped = tf.random.uniform((tf.shape(x)[0], 1, 1, 1)) < 0.5
+        x = tf.where(flipped, tf.reverse(x, [2]), x)
+        height, width = x.shape[1], x.shape[2]
+        padded = tf.pad(x, [[0, 0], [shift, shift], [shift, shift], [0, 0]], mode="REFLECT")
+
+        def crop(row):
+            top, left = tf.unstack(tf.random.uniform((2,), 0, 2 * shift + 1, tf.int32))
+            return row[top:top + height, left:left + width]
+        return tf.map_fn(crop, padded)
+
+    def features(self, activations, training: bool = False):
+        return plain(self, augment(activations) if training else activations, training)
+    return features
 
 
 def study(name: str, shared, weights: str, args: argparse.Namespace) -> str:
@@ -89,10 +120,13 @@ def study(name: str, shared, weights: str, args: argparse.Namespace) -> str:
     for alpha in (float(a) for a in args.l2_sp.split(",")):
         for epochs in (int(e) for e in args.epochs.split(",")):
             started = time.perf_counter()
-            result = fine_tune(activations[train], labels[train], None, None, warm.model,
-                               backbone, FineTuneConfig(blocks=1, l2_sp=alpha,
-                                                        learning_rate=args.learning_rate,
-                                                        max_epochs=epochs))
+            with (mock.patch.object(UpperBlocks, "features",
+                                    augmented_features(args.activation_shift))
+                  if args.activation_shift else contextlib.nullcontext()):
+                result = fine_tune(activations[train], labels[train], None, None, warm.model,
+                                   backbone, FineTuneConfig(blocks=1, l2_sp=alpha,
+                                                            learning_rate=args.learning_rate,
+                                                            max_epochs=epochs))
             served = UpperBlocks(1, activations.shape[1:], result.upper.weights(),
                                  backbone.precision).served()
             features = np.concatenate([served.predict_features(activations[i:i + 32])
@@ -114,7 +148,9 @@ def study(name: str, shared, weights: str, args: argparse.Namespace) -> str:
             f"- machine: {', '.join(f'{k} {v}' for k, v in common.machine().items())}\n"
             f"- {int(train.sum())} training images (folds 2-5), {int(held.sum())} held out "
             f"(fold 1); head {chosen} (cross-validated on the training folds), η "
-            f"{args.learning_rate:g}, batch 32, {backbone.precision}\n\n{table}")
+            f"{args.learning_rate:g}, batch 32, {backbone.precision}"
+            + (f"; training rows flipped and shifted by up to {args.activation_shift} cells of "
+               "the cached activations" if args.activation_shift else "") + f"\n\n{table}")
     print(body)
     return body
 
@@ -126,7 +162,9 @@ def main(argv=None) -> None:
         body = study(name, shared, weights, args)
         if args.write:
             split = common.load_split(name, shared, args.limit_per_label)
-            heading = HEADING.format(dataset=split.description)
+            heading = HEADING.format(dataset=split.description) + (
+                f", activations flipped and shifted {args.activation_shift}"
+                if args.activation_shift else "")
             common.write_section(heading, f"## {heading}\n\n{body}")
 
 
