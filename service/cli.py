@@ -222,11 +222,13 @@ def predict(session: Session, classifier_id: str, files: tuple[str, ...], top_k:
     def lines(document: Document) -> list[str]:
         rows = []
         for image, prediction in zip(images, document["predictions"]):
-            label = prediction.get("label")
-            shown = label if label is not None else \
-                f"not recognised: {prediction.get('reason') or 'rejected'}"
+            label, top = prediction.get("label"), prediction.get("top_k", [])
+            shown = label
+            if label is None:  # the score is the best label's: name it
+                shown = f"not recognised ({prediction.get('reason') or 'rejected'})" + (
+                    f", best {top[0]['label']}" if top else "")
             others = ", ".join(f"{entry['label']} {entry['score']:.3f}"
-                               for entry in prediction.get("top_k", [])[1:])
+                               for entry in top[1:])
             rows.append((str(image), shown, f"{prediction['score']:.3f}", others))
         return _table(("FILE", "LABEL", "SCORE", "OTHERS"), rows)
 

@@ -260,14 +260,19 @@ class Client:
         path = f"/v1/classifiers/{_segment(classifier_id)}/predict"
         answers = []
         for start in range(0, len(images), batch_size):
-            form = Multipart()
+            form, names = Multipart(), []
             for image in images[start:start + batch_size]:
                 name, data = image if isinstance(image, tuple) else \
-                    (Path(image).name, Path(image).read_bytes())
-                form.add("image", data, filename=name, content_type="application/octet-stream")
-            answers.append(self._document("POST", path, params=query,
-                                          content=b"".join(form.chunks()),
-                                          headers={"Content-Type": form.content_type}))
+                    (str(image), Path(image).read_bytes())
+                names.append(name)
+                form.add("image", data, filename=Path(name).name,
+                         content_type="application/octet-stream")
+            try:
+                answers.append(self._document("POST", path, params=query,
+                                              content=b"".join(form.chunks()),
+                                              headers={"Content-Type": form.content_type}))
+            except ApiError as error:
+                raise _naming_images(error, names) from None
         if len(answers) == 1:
             return answers[0]
         joined = {**answers[0], "predictions": [p for a in answers for p in a["predictions"]]}
@@ -369,6 +374,25 @@ def _problem(response: httpx.Response) -> ApiError:
                         str(body.get("detail", "")), body.get("errors"), body)
     return ApiError(response.status_code, response.reason_phrase or "Error",
                     response.text.strip()[:500] or f"HTTP {response.status_code}")
+
+
+def _naming_images(error: ApiError, names: Sequence[str]) -> ApiError:
+    """`error` with the server's "image.N" (N: the place in one request) turned into the
+    file the caller gave, so a refused image among hundreds can be found."""
+    named = []
+    for entry in error.errors or []:
+        field = str(entry.get("field", ""))
+        index = field.removeprefix("image.")
+        if field.startswith("image.") and index.isdigit() and int(index) < len(names):
+            entry = {**entry, "file": names[int(index)]}
+        named.append(entry)
+    files = [entry["file"] for entry in named if "file" in entry]
+    if not files:
+        return error
+    detail = "; ".join(f"{entry['file']}: {entry.get('message', '')}" for entry in named
+                       if "file" in entry)
+    return ApiError(error.status, error.title, detail, named,
+                    {**error.problem, "detail": detail, "errors": named})
 
 
 def _retry_after(response: httpx.Response) -> float:

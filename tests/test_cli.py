@@ -156,6 +156,21 @@ def test_predict_expands_globs_and_batches_32_to_a_request(server, created, phot
     assert document["classifier_id"] == classifier_id and len(document["predictions"]) == 1
 
 
+def test_a_refused_image_is_named_by_its_file_not_its_place_in_a_request(server, created,
+                                                                         photos, tmp_path):
+    import shutil
+
+    classifier_id, _ = created
+    for path in photos.glob("*/*.png"):
+        shutil.copy(path, tmp_path / f"{path.parent.name}-{path.name}")
+    broken = tmp_path / "zz-broken.png"  # sorted last: the 9th image of the second request
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not the rest of a PNG")
+    result = headstart("predict", classifier_id, str(tmp_path), url=server.url,
+                       key=PREDICT_KEY)
+    assert result.returncode == 1
+    assert f"(422): {broken}: " in result.stderr and "image 8" not in result.stderr
+
+
 def test_predict_shows_rejection_and_report_shows_calibration_and_health(server, created,
                                                                          tmp_path):
     classifier_id, _ = created
@@ -165,8 +180,9 @@ def test_predict_shows_rejection_and_report_shows_calibration_and_health(server,
                         key=PREDICT_KEY)
     assert answers.returncode == 0, answers.stderr
     row = answers.stdout.splitlines()[1].split()
-    assert row[:3] == [str(board), "not", "recognised:"] and row[3] == "out_of_distribution"
-    assert row[5] in ("red", "blue")  # top_k is kept
+    # the score shown is the best label's, so the row names that label
+    assert row[:5] == [str(board), "not", "recognised", "(out_of_distribution),", "best"]
+    assert {row[5], row[7]} == {"red", "blue"}  # the best label, then the other (top_k 2)
     shown = headstart("report", classifier_id, url=server.url)
     assert shown.returncode == 0, shown.stderr
     fields = dict(line.split(None, 1) for line in shown.stdout.splitlines()

@@ -220,6 +220,8 @@ def test_create_from_a_folder_follow_it_read_the_report_try_it_and_delete_it(
     expect(page.get_by_test_id("progress")).to_be_visible()
     expect(page.get_by_test_id("classifier-status")).to_have_text("ready", timeout=WAIT_MS)
     expect(page.get_by_test_id("progress")).to_be_hidden(timeout=WAIT_MS)  # after refining
+    expect(page.get_by_test_id("refining")).to_have_count(0)
+    expect(page.locator(".title-row")).not_to_contain_text("null")  # no note: nothing at all
 
     # The report: d/m with its diagnosis, curves, the confusion matrix, per-label scores.
     diagnosis = page.get_by_test_id("diagnosis")

@@ -150,7 +150,7 @@ export function mount(root, ctx) {
     classifier = next;
     title.textContent = next.name;
     document.title = `${next.name} · Headstart`;
-    badge.replaceChildren(statusBadge(next.status), refiningNote(next));
+    badge.replaceChildren(...[statusBadge(next.status), refiningNote(next)].filter(Boolean));
     meta.replaceChildren(
       h("span", {class: "mono"}, next.id),
       h("span", {}, `${number(next.dataset?.images)} images · ${next.labels.length} labels`),
