@@ -55,8 +55,9 @@ def diagnose(d: int, m: int, train_accuracy: float, val_accuracy: float, validat
         else:
             notes.append(
                 f"d/m = {d / m:.2f}: the head has more trainable parameters ({d}) than training "
-                f"examples ({m}), so it can memorise them. More images per label, more augmented "
-                f"views (augmentation.views) or {smaller} would help.")
+                f"examples ({m}), so it can memorise them. More images per label"
+                + (", more augmented views (augmentation.views)" if augmenting else "")
+                + f" or {smaller} would help.")
     train_error, val_error = 1 - train_accuracy, 1 - val_accuracy
     if val_error - train_error > 0.1 and val_error > 1.5 * train_error:
         advice = ("More images or stronger augmentation (augmentation.views, rotation, shift, "

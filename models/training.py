@@ -218,10 +218,12 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
                     should_stop, cache, paths, hashes)
     best: TrainingResult | None = None
     summaries: list[dict] = []
+    views_rejected = False
     for _name, stage in STAGES if stages is None else stages:
         result = stage(run)
         if result is None:
             continue
+        views_rejected |= result.selection.views_rejected
         better = best is None or result.val_loss < best.val_loss
         summaries.append(stage_summary(result, time.perf_counter() - run.started, better))
         result.stages = tuple(summaries)
@@ -233,6 +235,10 @@ def train_classifier(images: Sequence[bytes], labels: np.ndarray, label_names: S
     if best is None:
         raise ValueError("no training stage applied: give at least one stage that makes a head")
     best.stages = tuple(summaries)
+    if views_rejected and not best.selection.views_rejected:
+        # the preview tried no views, so its advice was "try views"; a later stage did, and
+        # they lost: the served head's final report must not advise them again
+        best.report["diagnosis"] = diagnosis(best.report, best.selection, views_rejected=True)
     return best
 
 
@@ -334,10 +340,7 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
         },
         "d": d,
         "d_over_m": round(d / m, 4),
-        "diagnosis": diagnose(d, m, training["accuracy"], validation["accuracy"], len(labels),
-                              num_classes, candidates=len(selection.candidates),
-                              smaller_rejected=selection.smaller_rejected,
-                              views_rejected=selection.views_rejected),
+        "diagnosis": [],  # below, from the report's numbers
         "head": chosen.spec.as_dict(),
         "selection": selection_report,
         "history": mean_history(chosen.histories),
@@ -348,8 +351,19 @@ def train_on_features(features: np.ndarray, labels: np.ndarray, label_names: Seq
         "timings_s": {name: round(value, 3) for name, value in timings.items()},
         **assessment.report,
     }
+    report["diagnosis"] = diagnosis(report, selection, views_rejected=selection.views_rejected)
     return TrainingResult(chosen.spec, refit.model, report, selection, assessment.trust,
                           stage=stage, val_loss=cross_entropy(chosen.out_of_fold, labels))
+
+
+def diagnosis(report: dict, selection, *, views_rejected: bool) -> list[str]:
+    """The report's advice on its head (`diagnosis.diagnose`), from the report's own numbers
+    and the selection that chose the head."""
+    m = report["m"]
+    return diagnose(report["d"], m["train_after_augmentation"], report["train_accuracy"],
+                    report["validation"]["accuracy"], m["validation"], len(report["labels"]),
+                    candidates=len(selection.candidates),
+                    smaller_rejected=selection.smaller_rejected, views_rejected=views_rejected)
 
 
 def assess(features: np.ndarray, labels: np.ndarray, label_names: Sequence[str],

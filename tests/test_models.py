@@ -173,6 +173,27 @@ def test_a_later_stage_is_served_only_when_its_loss_is_lower(backbone):
     assert served[0].stages == result.stages[:1]  # what was known when it was served
 
 
+def test_views_a_later_stage_rejected_are_not_advised_to_the_head_that_stays(backbone):
+    from models.selection import RowsComparison
+
+    def views_lost(staged):
+        result = forced_loss(training.augmented_stage, 0.7)(staged)
+        # the probe check compared views with the originals, and the views lost
+        result.selection.augmentation = RowsComparison(0, 1, gain=-0.01, gain_se=0.005)
+        return result
+
+    images, labels, names = toy_images(per_label=4)
+    stages = (("preview", forced_loss(training.preview_stage, 0.5)), ("augmented", views_lost))
+    served: list[training.TrainingResult] = []
+    result = training.train_classifier(images, labels, names, backbone, FAST, stages=stages,
+                                       on_stage=served.append)
+    assert result.stage == "preview" and len(served) == 1
+    assert result.report["diagnosis"] == training.diagnosis(
+        result.report, result.selection, views_rejected=True)
+    assert result.report["diagnosis"] != training.diagnosis(
+        result.report, result.selection, views_rejected=False)
+
+
 def test_every_stage_validates_on_the_same_folds(backbone):
     images, labels, names = toy_images(per_label=5)
     served: list[training.TrainingResult] = []
