@@ -644,12 +644,18 @@ def fine_tune_stage(images: np.ndarray, labels: np.ndarray, label_names: Sequenc
             first = config.fine_tune_candidates[0]
             need = seconds_per_row * rows * CACHE_COST + estimate_seconds(
                 first, len(images), views, seconds_per_row, k)
-            return kept_frozen(
-                ran=False, reason=f"over budget: fine-tuning {len(images)} images × "
-                                  f"{1 + views} views is estimated at {need:.0f} s on this "
-                                  f"device, more than the {config.fine_tune_budget_s:g} s "
-                                  "budget (HEADSTART_FINE_TUNE_BUDGET_S); a GPU fits it, or "
-                                  "ask for it explicitly", estimated_s=round(need, 1), **budget)
+            work = f"fine-tuning {len(images)} images × {1 + views} views"
+            if config.fine_tune_budget_s <= 0:
+                reason = (f'no budget: "auto" fine-tunes only within HEADSTART_FINE_TUNE_BUDGET_S, '
+                          f"which is 0 here (the default); {work} is estimated at {need:.0f} s "
+                          'on this device; ask for it explicitly (fine_tune {"blocks": 1}) or '
+                          "set a budget")
+            else:
+                reason = (f"over budget: {work} is estimated at {need:.0f} s on this device, "
+                          f"more than the {config.fine_tune_budget_s:g} s budget "
+                          "(HEADSTART_FINE_TUNE_BUDGET_S); a GPU fits it, or ask for it "
+                          "explicitly")
+            return kept_frozen(ran=False, reason=reason, estimated_s=round(need, 1), **budget)
         budget["estimated_s"] = round(cost, 1)
 
     # One cache serves every candidate: they train the same blocks.

@@ -246,8 +246,10 @@ def test_auto_says_why_it_skipped(backbone):
     frozen, over = _frozen_then_stage(backbone, "auto", budget=0.0)
     assert over is frozen and over.stage != "fine_tuned" and over.report["fine_tuned"] is None
     assert not over.report["fine_tuning"]["ran"]
-    assert over.report["fine_tuning"]["reason"].startswith("over budget")
+    assert over.report["fine_tuning"]["reason"].startswith("no budget")
     assert over.report["fine_tuning"]["estimated_s"] > 0
+    _, small = _frozen_then_stage(backbone, "auto", budget=0.01)
+    assert small.report["fine_tuning"]["reason"].startswith("over budget")
     _, no_room = _frozen_then_stage(backbone, "auto", l2=1e-4)
     assert no_room.report["validation"]["accuracy"] == 1.0
     assert no_room.report["fine_tuning"]["reason"].startswith("no room"), \
