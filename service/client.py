@@ -168,7 +168,7 @@ class Client:
         return self._document("GET", f"/v1/classifiers/{_segment(classifier_id)}")
 
     def report(self, classifier_id: str) -> Document:
-        """The training report (409 until training has finished)."""
+        """The training report (409 until the first head is served: status ready)."""
         return self._document("GET", f"/v1/classifiers/{_segment(classifier_id)}/report")
 
     def delete(self, classifier_id: str) -> None:

@@ -277,7 +277,8 @@ def test_upload_over_the_limit_is_413_problem_and_stores_nothing(app, client):
                            content_type=f"multipart/form-data; boundary={boundary}")
     assert response.status_code == 413
     assert response.mimetype == "application/problem+json"
-    assert "limit" in response.json["detail"]
+    assert response.json["detail"] == ("the request body is larger than the limit of "
+                                       f"{2 * 1024**2} bytes (HEADSTART_MAX_UPLOAD_BYTES)")
     assert stored_files(app) == before
 
 

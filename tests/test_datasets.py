@@ -142,6 +142,16 @@ def test_top_level_files_beside_a_wrapping_root_are_skipped():
     assert "label folder" in dataset.skipped[0].reason
 
 
+def test_top_level_files_outside_a_wrapping_root_do_not_hide_it():
+    # "notes.txt" beside "photos/": the user's folder is still the wrapper, the file skipped
+    wrapped = {f"photos/{name}": data for name, data in two_labels().items()}
+    dataset = read_dataset_zip(make_zip({"notes.txt": b"hi", "stray.png": PNG, **wrapped}))
+
+    assert dataset.labels == ["cat", "dog"] and dataset.per_label() == {"cat": 2, "dog": 2}
+    assert {item.path for item in dataset.skipped} == {"notes.txt", "stray.png"}
+    assert all("label folder" in item.reason for item in dataset.skipped)
+
+
 def test_a_non_seekable_stream_is_read():
     class OneWay(io.RawIOBase):
         def __init__(self, data: bytes):

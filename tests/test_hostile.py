@@ -426,7 +426,8 @@ def test_a_body_over_the_upload_limit_is_still_named_as_such(client, ready):
                                 content_type="application/json"))
 
     assert response.status_code == 413
-    assert response.json["detail"] == "the request body is larger than the limit of 67108864 bytes"
+    assert response.json["detail"] == ("the request body is larger than the limit of 67108864 "
+                                       "bytes (HEADSTART_MAX_PREDICT_BYTES)")
 
 
 def test_a_full_temporary_directory_is_a_503_with_retry_after(client, monkeypatch):

@@ -161,4 +161,5 @@ def test_predict_bodies_have_their_own_limit(app):
                                content_type=content_type)
         assert response.status_code == 413, content_type
         assert response.json["detail"] == \
-            f"the request body is larger than the limit of {MAX_PREDICT_BYTES} bytes"
+            f"the request body is larger than the limit of {MAX_PREDICT_BYTES} bytes " \
+            "(HEADSTART_MAX_PREDICT_BYTES)"

@@ -6,7 +6,7 @@ import errno
 import logging
 from typing import Any
 
-from flask import Response, json, request
+from flask import Response, current_app, json, request
 from werkzeug.exceptions import HTTPException
 
 from service.api.limits import RETRY_AFTER_S, ClientTooSlow
@@ -92,4 +92,9 @@ def _too_large(error: HTTPException) -> str:
                     "the limit")
         return (f"a multipart form field is larger than the limit of "
                 f"{request.max_form_memory_size} bytes")
-    return f"the request body is larger than the limit of {request.max_content_length} bytes"
+    # NB: predict sets its own, smaller limit on the request (`routes.predict`)
+    setting = ("HEADSTART_MAX_UPLOAD_BYTES"
+               if request.max_content_length == current_app.config.get("MAX_CONTENT_LENGTH")
+               else "HEADSTART_MAX_PREDICT_BYTES")
+    return (f"the request body is larger than the limit of {request.max_content_length} bytes "
+            f"({setting})")

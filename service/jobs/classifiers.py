@@ -157,7 +157,8 @@ def get_report(services: Services, classifier_id: str) -> dict:
     record = get_classifier(services, classifier_id)
     if record.status != "ready":
         raise Conflict(f"classifier {classifier_id} is {record.status}; the report exists once "
-                       "training has finished")
+                       "its first head is served (status ready), soon after one backbone pass "
+                       "over its images")
     report = json.loads(services.store.load_report(record))
     report["final"] = not record.refining
     report["stages"] = record.stages

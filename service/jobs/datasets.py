@@ -293,14 +293,18 @@ def _refuse_nested_archive_names(files: list[_Member]) -> None:
 
 
 def _label_depth(members: list[_Member]) -> int:
-    """1 when everything sits in one wrapping root folder that holds the label folders, else 0."""
-    if len({member.parts[0] for member in members}) != 1:
+    """1 when every folder sits in one wrapping root folder that holds the label folders, else 0.
+
+    Files directly at the top ("notes.txt" beside "photos/") are outside any label either way
+    and are skipped; they do not keep the wrapper from being one.
+    """
+    inside = [member for member in members if member.is_dir or len(member.parts) >= 2]
+    if len({member.parts[0] for member in inside}) != 1:
         return 0
-    # A file directly at the top is outside any root folder; and a lone folder holding only files
-    # is a (single) label, not a wrapper: "cat/1.jpg" alone means label cat.
-    all_inside = all(member.is_dir or len(member.parts) >= 2 for member in members)
-    has_label_folders = any(len(member.parts) >= 3 for member in members if not member.is_dir)
-    return 1 if all_inside and has_label_folders else 0
+    # A lone folder holding only files is a (single) label, not a wrapper: "cat/1.jpg" alone
+    # means label cat.
+    has_label_folders = any(len(member.parts) >= 3 for member in inside if not member.is_dir)
+    return 1 if has_label_folders else 0
 
 
 def _label_part(member: _Member, depth: int) -> str | None:

@@ -187,8 +187,8 @@ def get_version(services: Services, classifier_id: str, version: int
 def get_version_report(services: Services, classifier_id: str, version: int) -> bytes:
     record = get_version(services, classifier_id, version)[0]
     if record.status != "ready":
-        raise Conflict(f"version {version} is {record.status}; its report exists once it has "
-                       "finished training")
+        raise Conflict(f"version {version} is {record.status}; its report exists once its "
+                       "first head is served (status ready)")
     return services.store.load_report(record)
 
 
