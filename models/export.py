@@ -529,7 +529,9 @@ def write_archive(model: ExportableClassifier, export_format: str, labels: Seque
             archive.writestr("labels.json", json.dumps(list(labels), ensure_ascii=False,
                                                        indent=1) + "\n")
             archive.writestr("model-card.json", json.dumps(card, indent=1, default=str) + "\n")
-            archive.writestr("README.md", readme(export_format, model.image_size))
+            archive.writestr("README.md", readme(export_format, model.image_size,
+                                                 card.get("made_by", {}).get(
+                                                     "service_precision", "float32")))
 
 
 # ---------------------------------------------------------------- README
@@ -602,8 +604,18 @@ and two resize matrices built from the input size, written by Headstart without 
 }
 
 
-def readme(export_format: str, image_size: int) -> str:
-    """README.md of an export: what the model takes and returns, and how to run it."""
+def readme(export_format: str, image_size: int, service_precision: str = "float32") -> str:
+    """README.md of an export: what the model takes and returns, and how to run it.
+
+    Args:
+        service_precision: the dtype policy of the service that exported it; the export is
+            float32 either way, and its parity promise is with a float32 service.
+    """
+    parity = "Its scores equal a float32 Headstart service's within 1e-4 on the same image."
+    if service_precision != "float32":
+        parity += (f" The service that exported it computes in {service_precision}; its scores"
+                   " differ from these by that precision's rounding (bfloat16 and float16 keep"
+                   " about 3 significant digits).")
     return f"""# Headstart classifier ({export_format})
 
 What is here: the model ({MODEL_PATHS[export_format]}), `labels.json` (score column i is label
@@ -615,7 +627,7 @@ returns `scores`, float32 (batch, labels): calibrated probabilities that sum to 
 Headstart does to an image after decoding happens inside: the resize to {image_size} × {image_size}
 (aspect not kept; Headstart's antialiased bilinear, the same in every runtime), VGG16's
 preprocessing (RGB → BGR, minus the ImageNet mean), the backbone, the head and the
-calibration temperature. Its scores equal the service's within 1e-4 on the same image.
+calibration temperature. {parity}
 
 {_PIXELS_SNIPPET}
 

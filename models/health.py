@@ -170,10 +170,11 @@ def imbalance(labels: np.ndarray, label_names: Sequence[str]) -> dict:
 
     Returns:
         {"per_label": {name: count}, "largest", "smallest" (label names), "ratio" (largest /
-        smallest count; null when a label has no image)}.
+        smallest count; null when a label has no image)}. Ties name the first label as the
+        largest and the last as the smallest, so a balanced set names two labels.
     """
     counts = np.bincount(np.asarray(labels, dtype=int), minlength=len(label_names))
-    largest, smallest = int(counts.argmax()), int(counts.argmin())
+    largest, smallest = int(counts.argmax()), len(counts) - 1 - int(counts[::-1].argmin())
     return {"per_label": {name: int(count) for name, count in zip(label_names, counts)},
             "largest": label_names[largest], "smallest": label_names[smallest],
             "ratio": round(float(counts[largest] / counts[smallest]), 3) if counts[smallest] else None}

@@ -367,6 +367,8 @@ def test_every_export_holds_model_labels_card_and_readme(client, exports, classi
         assert card["made_by"]["precision"] == "float32"
         readme = archive.read("README.md").decode()
         assert export_lib.MODEL_PATHS[name] in readme and "labels.json" in readme
+        assert "a float32 Headstart service's within 1e-4" in readme
+        assert "computes in" not in readme  # this service is float32: nothing to qualify
     assert "model.onnx" in exports["onnx"].namelist()
     assert "model.tflite" in exports["tflite"].namelist()
     assert "model/saved_model.pb" in exports["savedmodel"].namelist()

@@ -250,6 +250,9 @@ def test_a_bfloat16_service_exports_the_stored_blocks_not_its_rounded_copy(bfloa
               for name, pair in load_blocks(head_file)[1].items()}
     rounded = served.upper.weights()  # what the bfloat16 service computes with
     assert fingerprint(rounded) != fingerprint(stored)
-    card = json.loads(fetch_export(client, tuned["id"], "savedmodel").read("model-card.json"))
+    archive = fetch_export(client, tuned["id"], "savedmodel")
+    card = json.loads(archive.read("model-card.json"))
     assert card["weights_fingerprint"] == fingerprint(stored)
+    # the export is float32; its README says the service's own scores are rounder
+    assert "computes in mixed_bfloat16" in archive.read("README.md").decode()
     assert card["fine_tuned"]["blocks"] == 1

@@ -642,5 +642,5 @@ def test_the_list_is_paginated_newest_first_through_the_api(tmp_path):
             break
     assert names == [f"finished {n}" for n in (4, 3, 2, 1, 0)] and pages == 3
     assert len(client.get("/v1/classifiers").json["classifiers"]) == 5
-    for bad in ("limit=0", "limit=1001", "limit=two", "cursor=" + "x" * 65):
+    for bad in ("limit=0", "limit=1001", "limit=two", "cursor=" + "x" * 65, "cursor=garbage"):
         assert client.get(f"/v1/classifiers?{bad}").status_code == 422, bad

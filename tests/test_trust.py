@@ -365,6 +365,8 @@ def test_imbalance_and_collapse():
     assert counts == {"per_label": {"cat": 30, "dog": 5}, "largest": "cat", "smallest": "dog",
                       "ratio": 6.0}
     assert health.imbalance(np.array([0, 0]), ["cat", "dog"])["ratio"] is None
+    balanced = health.imbalance(np.array([0, 1, 2, 0, 1, 2]), ["cat", "dog", "eel"])
+    assert (balanced["largest"], balanced["smallest"], balanced["ratio"]) == ("cat", "eel", 1.0)
     labels = np.array([0, 0, 1, 1, 2, 2])
     assert health.balanced_accuracy(labels, np.array([0, 0, 1, 0, 2, 1]), 3) == pytest.approx(2 / 3)
     assert "collapsed to one label" in health.collapse_warning(labels, np.zeros(6, int),

@@ -245,8 +245,8 @@ class AuthOut(BaseModel):
 
 class ListQuery(Strict):
     limit: int = Field(100, ge=1, le=1000, description="Most classifiers in one page")
-    cursor: str | None = Field(None, max_length=64,
-                               description="`next_cursor` of the previous page")
+    cursor: str | None = Field(None, pattern=r"^clf_[0-9a-z]{20}$",
+                               description="`next_cursor` of the previous page (a classifier id)")
 
 
 class PredictQuery(Strict):
