@@ -275,15 +275,19 @@ def wait_ready(client, classifier_id) -> dict:
                 what=f"{classifier_id} to train")
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    # NB: parity is promised in float32; `auto` would pick bfloat16 on a CPU with AVX512_BF16.
+def ready_export_app(root, precision: str = "float32"):
+    """An app on random weights at the test size, once its backbone is loaded."""
     app = create_app(Settings(store=str(root / "store"), backbone_weights="random",
                               image_size=TEST_IMAGE_SIZE, weights_cache=root / "cache",
-                              precision="float32"))
+                              precision=precision))
     wait(lambda: app.test_client().get("/readyz").status_code == 200, what="the backbone")
     return app
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    # NB: parity is promised in float32; `auto` would pick bfloat16 on a CPU with AVX512_BF16.
+    return ready_export_app(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")

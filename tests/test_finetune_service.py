@@ -211,17 +211,9 @@ def test_a_loaded_fine_tuned_head_counts_its_blocks(app, classifiers):
 
 @pytest.fixture(scope="module")
 def bfloat16_app(tmp_path_factory):
-    from service.app import create_app
-    from service.config import Settings
-    from tests.conftest import TEST_IMAGE_SIZE
-    from tests.test_export import wait
+    from tests.test_export import ready_export_app
 
-    root = tmp_path_factory.mktemp("finetune-bf16")
-    app = create_app(Settings(store=str(root / "store"), backbone_weights="random",
-                              image_size=TEST_IMAGE_SIZE, weights_cache=root / "cache",
-                              precision="mixed_bfloat16"))
-    wait(lambda: app.test_client().get("/readyz").status_code == 200, what="the backbone")
-    return app
+    return ready_export_app(tmp_path_factory.mktemp("finetune-bf16"), "mixed_bfloat16")
 
 
 def test_a_bfloat16_service_exports_the_stored_blocks_not_its_rounded_copy(bfloat16_app,
