@@ -237,11 +237,22 @@ def predict(session: Session, classifier_id: str, files: tuple[str, ...], top_k:
 
 @click.command()
 @click.argument("classifier_id", metavar="ID")
+@click.option("-y", "--yes", is_flag=True,
+              help="Do not ask first (a script's stdin, not a terminal, is never asked).")
 @json_option
 @pass_session
-def delete(session: Session, classifier_id: str) -> None:
-    """Delete a classifier, cancelling its training if it runs."""
-    session.client().delete(classifier_id)
+def delete(session: Session, classifier_id: str, yes: bool) -> None:
+    """Delete a classifier and every version, cancelling its training if it runs.
+
+    On a terminal it names the classifier and asks first; there is no undo.
+    """
+    client = session.client()
+    if not yes and sys.stdin.isatty():
+        classifier = client.get(classifier_id)
+        click.confirm(f"Delete {classifier_id} {classifier['name']} ({classifier['status']}, "
+                      f"{len(classifier['labels'])} labels) and every version?", abort=True,
+                      err=True)
+    client.delete(classifier_id)
     if not session.as_json:  # 204: the API sends no document
         click.echo(f"deleted {classifier_id}")
 
@@ -427,7 +438,8 @@ def _progress_text(progress: dict[str, Any]) -> str:
     if progress.get("images_total"):
         return f"{stage}: {progress.get('images_done') or 0}/{progress['images_total']} images{of}"
     if progress.get("epoch"):
-        text = f"{stage}: epoch {progress['epoch']}/{progress.get('max_epochs') or '?'}"
+        of_max = f"/{progress['max_epochs']}" if progress.get("max_epochs") else ""
+        text = f"{stage}: epoch {progress['epoch']}{of_max}"
         if progress.get("candidate"):
             text += f", head {progress['candidate']}"
         if progress.get("val_accuracy") is not None:
@@ -446,7 +458,7 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
         ("d", f"{report['d']} trainable parameters in the head"
               + (" and the fine-tuned blocks" if report.get("fine_tuned") else "")),
         ("m", f"{m['train_after_augmentation']} training examples ({m['train']} images "
-              f"x {views} views)"),
+              f"x {views} view{'s' if views != 1 else ''})"),
         ("d/m", f"{report['d_over_m']:,.2f}"),
         ("stage", report.get("stage", "augmented")
          + ("" if report.get("final", True) else " (preliminary: still refining)")),
@@ -556,8 +568,8 @@ class _Lines:
     def event(self, event: Event) -> None:
         if event.kind == "status":
             self.say(f"status: {_status_text(event.data)}")
-        elif event.kind == "progress":
-            self.say(_progress_text(event.data))
+        elif event.kind == "progress" and event.data.get("stage") != "queued":
+            self.say(_progress_text(event.data))  # "queued" already came as the status
         elif event.kind == "done":
             self.say(f"done: {event.data['status']}")
 

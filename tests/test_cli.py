@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pty
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ OPTIONS = {"max_epochs": 20, "augmentation": {"views": 1},
 
 
 def headstart(*args: str, url: str, key: str | None = ADMIN_KEY, timeout: float = 180,
-              **env: str) -> subprocess.CompletedProcess:
+              stdin=subprocess.DEVNULL, **env: str) -> subprocess.CompletedProcess:
     """Runs the installed console script with a clean HEADSTART_* environment."""
     assert HEADSTART.exists(), f"{HEADSTART} is missing: `pip install -e .` installs the CLI"
     environment = {name: value for name, value in os.environ.items()
@@ -40,7 +41,7 @@ def headstart(*args: str, url: str, key: str | None = ADMIN_KEY, timeout: float 
     if key:
         environment["HEADSTART_API_KEY"] = key
     return subprocess.run([str(HEADSTART), *args], capture_output=True, text=True,
-                          env=environment, timeout=timeout, stdin=subprocess.DEVNULL)
+                          env=environment, timeout=timeout, stdin=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,9 @@ def test_create_a_folder_with_wait_shows_progress_then_the_summary(created):
     assert progress[0].startswith("uploaded ") and "40 images" in progress[0]
     assert "status: training" in progress and progress[-1] == "done: ready"
     assert any(line.startswith("training: epoch ") for line in progress), result.stderr
+    # An exact fit has no epoch limit to show ("epoch 3", not "epoch 3/?"), and the queued
+    # status is said once, not again as a bare progress line.
+    assert not any("/?" in line for line in progress) and "queued" not in progress, progress
     # Staged: the preview head is served first, and `done` comes after the last stage.
     assert "status: ready · refining" in progress
     assert progress.index("status: ready · refining") < progress.index("status: ready")
@@ -257,7 +261,18 @@ def test_create_a_zip_without_wait_then_delete_it(server, tmp_path):
     document = json.loads(created.stdout)
     assert document["status"] == "queued" and document["dataset"]["images"] == 6
 
-    deleted = headstart("delete", document["id"], url=server.url)
+    # On a terminal, delete names the classifier and asks; "n" keeps it.
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, b"n\n")
+        kept = headstart("delete", document["id"], url=server.url, stdin=terminal)
+    finally:
+        os.close(controller), os.close(terminal)
+    assert kept.returncode == 1 and "Aborted" in kept.stderr, kept.stderr
+    assert f"Delete {document['id']} " in kept.stderr and "every version?" in kept.stderr
+    assert headstart("show", document["id"], url=server.url).returncode == 0
+
+    deleted = headstart("delete", document["id"], url=server.url)  # not a terminal: no question
     assert deleted.returncode == 0 and deleted.stdout == f"deleted {document['id']}\n"
     gone = headstart("show", document["id"], url=server.url)
     assert gone.returncode == 1 and "Not found (404)" in gone.stderr
