@@ -237,6 +237,37 @@ def predict(session: Session, classifier_id: str, files: tuple[str, ...], top_k:
 
 @click.command()
 @click.argument("classifier_id", metavar="ID")
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--limit", type=click.IntRange(1, 1000), help="How many to list (default 20).")
+@click.option("--method", type=click.Choice(["margin", "entropy"]),
+              help="margin (default): 1 - (p1 - p2) of the two best scores; entropy: of all.")
+@json_option
+@pass_session
+def suggest(session: Session, classifier_id: str, path: Path, limit: int | None,
+            method: str | None) -> None:
+    """Which unlabeled images to label next, most useful first.
+
+    PATH is a folder of images (any subfolders; zipped as it uploads) or a .zip. Images out of
+    distribution come last: they may need a new label, or none.
+    """
+    try:
+        document = session.client().suggest(classifier_id, path, limit=limit, method=method)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="PATH") from None
+
+    def lines(document: Document) -> list[str]:
+        rows = [(entry["path"], f"{entry['uncertainty']:.3f}", entry["label"] or "-",
+                 f"{entry['score']:.3f}",
+                 "out of distribution" if entry.get("out_of_distribution") else "")
+                for entry in document["suggestions"]]
+        return [f"{len(rows)} of {document['images']} images, by {document['method']}:"] \
+            + _table(("PATH", "UNCERTAINTY", "PREDICTED", "SCORE", "NOTE"), rows)
+
+    _print(session, document, lines)
+
+
+@click.command()
+@click.argument("classifier_id", metavar="ID")
 @click.option("-y", "--yes", is_flag=True,
               help="Do not ask first (a script's stdin, not a terminal, is never asked).")
 @json_option
@@ -352,8 +383,8 @@ def alias(session: Session, classifier_id: str, name: str, version: int) -> None
 
 #: The commands, in the order `headstart --help` lists them. A new one is a click command
 #: above, with `@json_option` and `@pass_session`, and a name here.
-COMMANDS = [create, list_classifiers, show, report, predict, delete, add, versions, alias,
-            export]
+COMMANDS = [create, list_classifiers, show, report, predict, suggest, delete, add, versions,
+            alias, export]
 for _command in COMMANDS:
     cli.add_command(_command)
 

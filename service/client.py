@@ -127,7 +127,8 @@ class Client:
         return self._upload("/v1/classifiers", dataset, options, on_upload)
 
     def _upload(self, url: str, dataset: str | os.PathLike | None, options: dict[str, Any],
-                on_upload: UploadCallback | None) -> Document:
+                on_upload: UploadCallback | None, *,
+                params: dict[str, Any] | None = None) -> Document:
         """POSTs a multipart form of `options` and a dataset: a folder (zipped on the fly), a
         .zip file (sent as it is), or none."""
         form = Multipart()
@@ -157,7 +158,7 @@ class Client:
             headers["Content-Length"] = str(form.length())
         # NB: without a length, httpx sends the folder's zip with chunked transfer encoding,
         # which gunicorn accepts and Werkzeug reads to its end (wsgi.input_terminated).
-        return self._document("POST", url, content=body, headers=headers)
+        return self._document("POST", url, content=body, headers=headers, params=params)
 
     def list(self) -> Document:
         """`{"classifiers": [...]}`, newest first."""
@@ -174,6 +175,17 @@ class Client:
     def delete(self, classifier_id: str) -> None:
         """Cancels training if it runs and deletes everything of the classifier."""
         self._send("DELETE", f"/v1/classifiers/{_segment(classifier_id)}")
+
+    def suggest(self, classifier_id: str, images: str | os.PathLike, *, limit: int | None = None,
+                method: str | None = None, on_upload: UploadCallback | None = None) -> Document:
+        """Ranks unlabeled images (a folder, any subfolders, zipped as it uploads, or a .zip)
+        by how much a label would teach the classifier: `{"method", "images",
+        "suggestions": [{"path", "uncertainty", "label", "score", "out_of_distribution"}]}`,
+        most useful first; `limit` (server default 20) and `method` ("margin" or "entropy")."""
+        params = {name: value for name, value in (("limit", limit), ("method", method))
+                  if value is not None}
+        return self._upload(f"/v1/classifiers/{_segment(classifier_id)}/suggest", images, {},
+                            on_upload, params=params)
 
     # ------------------------------------------------------------ versions and aliases
 

@@ -200,6 +200,38 @@ def test_predict_shows_rejection_and_report_shows_calibration_and_health(server,
     assert "  images per label: blue 20, red 20" in shown.stdout.splitlines()
 
 
+def test_suggest_ranks_a_folder_of_unlabeled_images_as_the_api_does(server, created, photos,
+                                                                     tmp_path):
+    classifier_id, _ = created
+    unlabeled = tmp_path / "unlabeled"
+    (unlabeled / "batch").mkdir(parents=True)
+    for index, image in enumerate(sorted((photos / "red").iterdir())[:3]
+                                  + sorted((photos / "blue").iterdir())[:3]):
+        (unlabeled / "batch" / f"{index}.png").write_bytes(image.read_bytes())
+    (unlabeled / "board.png").write_bytes(checkerboard())
+
+    shown = headstart("suggest", classifier_id, str(unlabeled), "--limit", "4", url=server.url)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == "4 of 7 images, by margin:", lines
+    assert lines[1].split() == ["PATH", "UNCERTAINTY", "PREDICTED", "SCORE", "NOTE"]
+    as_json = headstart("--json", "suggest", classifier_id, str(unlabeled), "--limit", "7",
+                        "--method", "entropy", url=server.url)
+    document = json.loads(as_json.stdout)
+    assert document["method"] == "entropy" and document["images"] == 7
+    ranked = [entry["path"] for entry in document["suggestions"]]
+    assert sorted(ranked) == sorted(["board.png"] + [f"batch/{i}.png" for i in range(6)])
+    # the checkerboard is out of distribution: last, and the table says so
+    assert ranked[-1] == "board.png" and document["suggestions"][-1]["out_of_distribution"]
+    everything = headstart("suggest", classifier_id, str(unlabeled), "--limit", "7",
+                           url=server.url).stdout.splitlines()
+    assert everything[-1].split()[0] == "board.png"
+    assert everything[-1].endswith("out of distribution")
+    refused = headstart("suggest", classifier_id, str(unlabeled), url=server.url,
+                        key=PREDICT_KEY)
+    assert refused.returncode == 1 and "Forbidden (403)" in refused.stderr
+
+
 def test_export_waits_for_the_build_then_writes_the_zip(server, created, tmp_path):
     classifier_id, _ = created
     target = tmp_path / "model.zip"
