@@ -445,15 +445,22 @@ def mean_history(histories: Sequence[Sequence[dict]]) -> list[dict]:
     """The learning curve of a cross-validated head: per epoch, the mean over the folds that
     ran that epoch (`folds` says how many did; folds that stopped earlier are left out).
 
+    The curve ends where fewer than a majority of the folds still run: past that a mean of one
+    or two late folds jumps to their level, which reads as a change in training that did not
+    happen (early stopping ends folds at different epochs).
+
     Args:
         histories: per fold, its rows {"epoch", "loss", "accuracy", "val_loss", "val_accuracy"}.
 
     Returns:
-        One row per epoch up to the longest fold, with the same keys plus "folds".
+        One row per epoch while more than half the folds ran it, with the same keys plus
+        "folds".
     """
     rows = []
     for epoch in range(1, max((len(h) for h in histories), default=0) + 1):
         present = [h[epoch - 1] for h in histories if len(h) >= epoch]
+        if 2 * len(present) <= len(histories):
+            break
         row = {"epoch": epoch}
         for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
             values = [r[key] for r in present if key in r]

@@ -409,14 +409,19 @@ def test_out_of_fold_probabilities_come_from_the_fold_that_held_each_image_out()
         np.testing.assert_allclose(out_of_fold[held_out], solved.val_probabilities, atol=1e-6)
 
 
-def test_mean_history_averages_the_folds_still_running():
-    rows = mean_history([
-        [{"epoch": 1, "loss": 1.0, "accuracy": 0.5, "val_loss": 2.0, "val_accuracy": 0.4},
-         {"epoch": 2, "loss": 0.5, "accuracy": 0.7, "val_loss": 1.0, "val_accuracy": 0.6}],
-        [{"epoch": 1, "loss": 3.0, "accuracy": 0.3, "val_loss": 4.0, "val_accuracy": 0.2}]])
+def test_mean_history_averages_the_folds_still_running_while_most_of_them_run():
+    def fold(*val_losses: float) -> list[dict]:
+        return [{"epoch": e, "loss": 1.0, "accuracy": 0.5, "val_loss": v, "val_accuracy": 0.5}
+                for e, v in enumerate(val_losses, 1)]
+
+    rows = mean_history([fold(2.0, 1.0, 0.8), fold(4.0, 3.0), fold(3.0, 2.0, 1.0, 0.1),
+                         fold(3.0), fold(3.0)])
     assert rows == [
-        {"epoch": 1, "loss": 2.0, "accuracy": 0.4, "val_loss": 3.0, "val_accuracy": 0.3, "folds": 2},
-        {"epoch": 2, "loss": 0.5, "accuracy": 0.7, "val_loss": 1.0, "val_accuracy": 0.6, "folds": 1}]
+        {"epoch": 1, "loss": 1.0, "accuracy": 0.5, "val_loss": 3.0, "val_accuracy": 0.5, "folds": 5},
+        {"epoch": 2, "loss": 1.0, "accuracy": 0.5, "val_loss": 2.0, "val_accuracy": 0.5, "folds": 3}]
+    # epochs 3 (2 of 5 folds) and 4 (1 fold: 0.1, a jump no fold's curve has) are left out
+    two = mean_history([fold(2.0, 1.0), fold(4.0)])
+    assert [row["folds"] for row in two] == [2]
 
 
 # ---------------------------------------------------------------- evaluation and diagnosis

@@ -415,7 +415,9 @@ class Report(BaseModel):
     candidates: list[dict[str, Any]] | None = Field(
         None, description="Reports made before cross-validation: heads tried, with their best "
                           "validation loss")
-    history: list[EpochRow]
+    history: list[EpochRow] = Field(
+        description="The chosen head's learning curve: per epoch, the mean over its folds that "
+                    "ran it (`folds` says how many), while more than half of them did")
     best_epoch: int
     stopped_early: bool
     train_accuracy: float

@@ -156,7 +156,7 @@ function details(report) {
   const backbone = report.backbone || {};
   return section("Run details",
     facts([
-      ["Epochs", `${report.history?.length ?? "—"} run, best ${report.best_epoch ?? "—"}${report.stopped_early ? ", stopped early" : ""}`],
+      ["Epochs", `${report.history?.length ?? "—"} run by most folds, best ${report.best_epoch ?? "—"}${report.stopped_early ? ", stopped early" : ""}`],
       ["Head", report.head ? `${report.head.hidden_units ? `${report.head.hidden_units} hidden units` : "linear"}, dropout ${report.head.dropout}, L2 ${report.head.l2}` : "—"],
       ["Backbone", `${backbone.name ?? "—"} (${backbone.weights ?? "—"}), ${backbone.image_size ?? "—"} px`],
       backbone.features ? ["Features", h("code", {}, backbone.features)] : null,
