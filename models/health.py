@@ -38,6 +38,8 @@ NEAR_DUPLICATE_SIMILARITY = 0.9
 IMBALANCE_RATIO = 3.0
 #: Balanced accuracy within this of chance (1 / labels) counts as collapsed.
 COLLAPSE_MARGIN = 0.1
+#: Out-of-fold accuracy below which suspected mislabels are called mostly the head's mistakes.
+CONFIDENT_ACCURACY = 0.9
 #: Entries listed per finding; the warnings say how many more there are.
 MAX_ENTRIES = 100
 
@@ -165,6 +167,29 @@ def suspected_mislabels(paths: Sequence[str], labels: np.ndarray, label_names: S
     return found
 
 
+def mislabel_warning(count: int, labels: np.ndarray, out_of_fold_probabilities: np.ndarray,
+                     num_classes: int) -> str:
+    """The warning for `count` suspected mislabels, weighed by how good the predictions that
+    found them are: a head that is often wrong out of fold disagrees with right labels too.
+
+    Args:
+        labels: int (n,) the given labels; out_of_fold_probabilities: float (n, k).
+    """
+    predicted = np.asarray(out_of_fold_probabilities).argmax(axis=1)
+    accuracy = float((predicted == labels).mean())
+    if balanced_accuracy(labels, predicted, num_classes) <= 1 / num_classes + COLLAPSE_MARGIN:
+        return (f"{count} image(s) disagree with their folder out of fold, but out of fold the "
+                f"classifier is near chance ({accuracy:.2f} accuracy): these are its errors, not "
+                "evidence of wrong labels (suspected_mislabels).")
+    if accuracy < CONFIDENT_ACCURACY:
+        return (f"{count} image(s) may be mislabeled: their out-of-fold predictions disagree "
+                f"with their folder (suspected_mislabels). At {accuracy:.2f} out-of-fold "
+                "accuracy many are the classifier's own mistakes; check the first listed, the "
+                "most confident disagreements.")
+    return (f"{count} image(s) look mislabeled: their out-of-fold predictions disagree with "
+            "their folder (suspected_mislabels). Check them.")
+
+
 def imbalance(labels: np.ndarray, label_names: Sequence[str]) -> dict:
     """Images per label.
 
@@ -270,8 +295,8 @@ def dataset_health(paths: Sequence[str], labels: np.ndarray, label_names: Sequen
         warnings.append(f"{len(duplicates)} group(s) of identical files: each copy counts as an "
                         "extra training image of the same photo.")
     if mislabels:
-        warnings.append(f"{len(mislabels)} image(s) look mislabeled: their out-of-fold "
-                        "predictions disagree with their folder (suspected_mislabels). Check them.")
+        warnings.append(mislabel_warning(len(mislabels), labels, out_of_fold_probabilities,
+                                         len(label_names)))
     if out_of_fold_probabilities is None:
         warnings.append("No out-of-fold predictions for this run: mislabels were not checked.")
     if balance["ratio"] is None:

@@ -376,6 +376,20 @@ def test_imbalance_and_collapse():
     assert health.collapse_warning(labels, labels, ["a", "b", "c"]) is None
 
 
+def test_the_mislabel_warning_weighs_how_good_the_out_of_fold_predictions_are():
+    labels = np.array([0] * 10 + [1] * 10)
+    good = np.eye(2)[labels] * 0.9 + 0.05
+    good[[0, 10]] = good[[0, 10]][:, ::-1]      # two disagree: 0.9 accuracy
+    assert "look mislabeled" in health.mislabel_warning(2, labels, good, 2)
+    weak = good.copy()
+    weak[[1, 2, 11]] = weak[[1, 2, 11]][:, ::-1]  # five disagree: 0.75
+    text = health.mislabel_warning(5, labels, weak, 2)
+    assert "may be mislabeled" in text and "0.75" in text and "own mistakes" in text
+    chance = np.tile([0.6, 0.4], (20, 1))        # one label for everything: chance
+    text = health.mislabel_warning(10, labels, chance, 2)
+    assert "near chance" in text and "not evidence of wrong labels" in text
+
+
 def test_dataset_health_report():
     pytest.importorskip("cleanlab")
     rng = np.random.default_rng(10)
